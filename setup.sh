@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Make (or update) the virtual environment at .venv with the `i2v` command in it.
+#   ./setup.sh          runtime dependencies
+#   ./setup.sh --dev    plus the test and lint tools
+# Torch goes in first: on a machine with an NVIDIA GPU the normal (CUDA) build from PyPI,
+# elsewhere the pinned CPU build (I2V_TORCH overrides the requirement either way).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+python=""
+for candidate in python3.11 python3.12 python3.13 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        python=$candidate
+        break
+    fi
+done
+[ -n "$python" ] || { echo "setup: Python 3.11 or newer is required" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    if [ -n "${I2V_TORCH:-}" ]; then
+        torch_req=$I2V_TORCH
+    elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+        torch_req="torch"
+    else
+        torch_req="torch==2.13.0"
+    fi
+    echo "setup: installing $torch_req"
+    "${pip[@]}" "$torch_req"
+fi
+
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+"${pip[@]}" -e ".${extras}"
+echo "setup: ready (.venv/bin/i2v)"

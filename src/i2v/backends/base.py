@@ -1,0 +1,120 @@
+"""The contract every model backend fulfils. A backend is one small file: a spec and two methods.
+
+`load()` builds the diffusers pipeline with `from_pretrained` (a hub id, a local folder, the HF cache);
+`generate()` runs it on inputs already fitted to the model's own grid and returns the frames at the
+model's native frame rate. Everything else (image checks, exact output size, 24 fps, the mp4) is the
+engine's, and the same for every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..geometry import Grid
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (step, total); raises `Cancelled` to stop the run."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend declares about its model. A tiny twin is the same spec with small numbers."""
+
+    name: str
+    source: str                   # hub id or local folder passed to from_pretrained
+    fps: int                      # native frame rate of the model
+    grid: Grid                    # the sizes the model generates at
+    frame_multiple: int           # frame counts are k * frame_multiple + 1
+    takes_end_frame: bool
+    steps: int
+    guidance: float
+    shift: float | None
+    modes: tuple[str, ...]        # the Kling modes this model may serve
+
+    def frames_for(self, duration: int) -> int:
+        """Frames to generate at the native fps for `duration` seconds, on the model's frame rule."""
+        k = round(self.fps * duration / self.frame_multiple)
+        return k * self.frame_multiple + 1
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """One generation, in the model's own terms: images already fitted to width x height."""
+
+    prompt: str
+    negative_prompt: str
+    image: Image.Image
+    end_image: Image.Image | None
+    width: int
+    height: int
+    num_frames: int
+    seed: int
+    audio: bool = False
+
+    def generator(self) -> torch.Generator:
+        # A CPU generator gives the same noise on every device, so a seed means the same clip anywhere.
+        return torch.Generator("cpu").manual_seed(self.seed)
+
+
+@dataclass
+class Clip:
+    """Frames (T, H, W, 3) uint8 at `fps`, with an optional soundtrack (samples (C, N) float32, rate)."""
+
+    frames: np.ndarray
+    fps: int
+    audio: tuple[np.ndarray, int] | None = None
+
+
+def device_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (what the weights are published in), float32 on CPU (bf16 is slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Backend(ABC):
+    """A model behind the engine: `spec` says what it is, `load` and `generate` run it."""
+
+    spec: ClassVar[BackendSpec]
+    tiny_grid: ClassVar[Grid]     # the small grid the tiny twin declares, so CPU tests stay fast
+    tiny_steps: ClassVar[int] = 2
+
+    def __init__(self, spec: BackendSpec, device: torch.device) -> None:
+        self.spec = spec  # the instance's spec: the class's, a tiny twin's, or one with a local source
+        self.device = device
+        self.pipe: Any = None
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the weights with `from_pretrained(self.spec.source)` onto `self.device`; called once."""
+
+    @abstractmethod
+    def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
+        """Run the pipeline; frames come back at the model's native fps and grid size."""
+
+    @classmethod
+    @abstractmethod
+    def build_tiny(cls, folder: Path) -> None:
+        """Build a tiny random-weight twin from configs (no download) and `save_pretrained` it to `folder`."""
+
+    @classmethod
+    def tiny_spec(cls, folder: Path) -> BackendSpec:
+        return dataclasses.replace(
+            cls.spec, name=f"tiny-{cls.spec.name}", source=str(folder), grid=cls.tiny_grid, steps=cls.tiny_steps
+        )
+
+    def step_callback(self, on_step: StepCallback, total: int) -> Callable[..., dict[str, Any]]:
+        """Adapt `on_step` to diffusers' `callback_on_step_end`."""
+
+        def callback(pipe: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_step(index + 1, total)
+            return {}
+
+        return callback

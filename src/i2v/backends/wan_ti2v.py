@@ -1,0 +1,94 @@
+"""Wan2.2 TI2V-5B: the standard-mode (720p, 24 fps) model.
+
+The start image conditions the clip by replacing latent frame 0 at every step (`expand_timesteps=True`),
+so the clip opens on it. The pipeline ignores `last_image` silently, so this backend declares that it
+takes no end frame and the engine refuses one before it gets here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from ..geometry import Grid
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .tiny_parts import word_level_tokenizer
+
+
+class WanTI2V(Backend):
+    spec = BackendSpec(
+        name="wan2.2-ti2v-5b",
+        source="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        fps=24,
+        grid=Grid(max_area=1280 * 704, multiple=32),  # the model's trained area, sides on its 32 px grid
+        frame_multiple=4,
+        takes_end_frame=False,
+        steps=50,
+        guidance=5.0,
+        shift=5.0,
+        modes=("standard",),
+    )
+    tiny_grid = Grid(max_area=256 * 256, multiple=32)
+
+    def load(self) -> None:
+        dtype = device_dtype(self.device)
+        # The VAE stays float32: the 48-channel Wan2.2 VAE shows artefacts in bf16.
+        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", torch_dtype=torch.float32)
+        # The hub's model_index.json names WanPipeline (text only); the image pipeline takes the same parts.
+        pipe = WanImageToVideoPipeline.from_pretrained(
+            self.spec.source, vae=vae, torch_dtype=dtype, expand_timesteps=True
+        )
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=self.spec.shift)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+
+    def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
+        steps = self.spec.steps
+        result = self.pipe(
+            image=inputs.image,
+            prompt=inputs.prompt,
+            negative_prompt=inputs.negative_prompt,
+            height=inputs.height,
+            width=inputs.width,
+            num_frames=inputs.num_frames,
+            num_inference_steps=steps,
+            guidance_scale=self.spec.guidance,
+            generator=inputs.generator(),
+            output_type="np",
+            callback_on_step_end=self.step_callback(on_step, steps),
+        )
+        return Clip(frames=result.frames[0], fps=self.spec.fps)
+
+    @classmethod
+    def build_tiny(cls, folder: Path) -> None:
+        torch.manual_seed(0)
+        text_config = UMT5Config(
+            vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
+        )  # fmt: skip
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48, out_channels=48,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+        )  # fmt: skip
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
+        )
+        WanImageToVideoPipeline(
+            tokenizer=word_level_tokenizer(text_config.vocab_size),
+            text_encoder=UMT5EncoderModel(text_config),
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+            image_encoder=None,
+            image_processor=None,
+            expand_timesteps=True,
+        ).save_pretrained(folder)

@@ -1,0 +1,152 @@
+"""The `i2v` command: generate a clip, list models, run the demo (and, with the server, `serve`).
+
+User mistakes print one line and exit 2; nothing here shows a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .errors import Cancelled, I2VError
+from .progress import Progress
+from .request import KlingRequest, field_errors
+
+EXIT_USAGE = 2
+
+
+class ProgressBar:
+    """A tqdm bar on stderr: the stage as its label, denoising steps as its count, elapsed time."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, bar_format="{desc} {bar} {n}/{total} [{elapsed}]")
+
+    def __call__(self, progress: Progress) -> None:
+        self._bar.set_description_str(f"{progress.stage:<15}", refresh=False)
+        if progress.total:
+            self._bar.total = progress.total
+            self._bar.n = progress.step or 0
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="i2v", description="Image-to-video with the Kling v2.1 inputs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="render one clip to an mp4")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--start-image", required=True, help="path, http(s) URL or data URI")
+    gen.add_argument("--end-image", help="last frame (pro mode only)")
+    gen.add_argument("--mode", default="standard", help="standard (720p) or pro (1080p)")
+    gen.add_argument("--duration", type=int, default=5, help="5 or 10 seconds")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--audio", action="store_true", help="mux the model's soundtrack when it makes one")
+    gen.add_argument("--model", help="'tiny', a backend name, or NAME=FOLDER_OR_HUB_ID (see `i2v models`)")
+    gen.add_argument("-o", "--output", required=True, type=Path)
+
+    commands.add_parser("models", help="list the backends and whether their weights are here")
+
+    demo = commands.add_parser("demo", help="render the bundled example image (tiny model without a GPU)")
+    demo.add_argument("-o", "--output", type=Path, default=Path("out/demo.mp4"))
+    demo.add_argument("--model", help="force a model instead of choosing by hardware")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "models":
+            return _models()
+        if args.command == "demo":
+            return _demo(args)
+    except ValidationError as exc:
+        for field, rule in field_errors(exc):
+            print(f"error: {field}: {rule}", file=sys.stderr)
+        return EXIT_USAGE
+    except Cancelled:
+        print("canceled", file=sys.stderr)
+        return 130
+    except I2VError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+def _generate(args: argparse.Namespace) -> int:
+    request = KlingRequest(
+        prompt=args.prompt,
+        start_image=args.start_image,
+        end_image=args.end_image,
+        mode=args.mode,
+        duration=args.duration,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        audio=args.audio,
+    )
+    from .engine import Engine
+
+    return _render(Engine(args.model), request, args.output)
+
+
+def _render(engine: object, request: KlingRequest, output: Path) -> int:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    bar = ProgressBar()
+    started = time.perf_counter()
+    try:
+        result = engine.generate(request, output, on_progress=bar)  # type: ignore[attr-defined]
+    finally:
+        bar.close()
+    print(
+        f"{result.path}  {result.width}x{result.height}  {result.num_frames} frames @ {result.fps} fps  "
+        f"model {result.model}  seed {result.seed}  ({time.perf_counter() - started:.1f} s)"
+    )
+    return 0
+
+
+def _models() -> int:
+    from .models_info import describe_models
+
+    for line in describe_models():
+        print(line)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine import Engine
+    from .errors import ModelUnavailable
+
+    example = resources.files("i2v") / "assets" / "example.jpg"
+    request = KlingRequest(prompt="waves roll in slowly under a bright sun, the camera pans", start_image=str(example), seed=7)
+    model = args.model
+    if model is None and not torch.cuda.is_available():
+        print("demo: no CUDA GPU here, so rendering with the tiny random-weight model (noise, not a real clip)")
+        model = "tiny"
+    engine = Engine(model)
+    if model is None:
+        try:
+            engine.backend(request.mode)
+        except ModelUnavailable as exc:
+            print(f"demo: the real weights are not reachable ({str(exc).splitlines()[0][:160]}); using the tiny model")
+            engine = Engine("tiny")
+    return _render(engine, request, args.output)

@@ -1,0 +1,206 @@
+"""The engine: one Kling request in, one exact mp4 out.
+
+    request -> images fetched and checked -> output size from the start image -> backend for the mode
+    -> inputs fitted to the model's grid -> diffusers pipeline -> frames at 24 fps -> mp4 at exact size
+
+Pipelines load once per backend and stay resident across requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backends import Backend, Clip, ModelInputs, resolve
+from .errors import InputError, ModelUnavailable
+from .geometry import fit_image, output_size
+from .images import ImageLoader
+from .progress import ProgressCallback, Reporter
+from .request import FPS, KlingRequest
+from .settings import Settings
+from .video import to_uint8, write_mp4
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a generation produced and how."""
+
+    path: Path
+    seed: int
+    model: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Rendered:
+    """A clip at the model's grid and native fps, before it is mapped to the exact output."""
+
+    clip: Clip
+    inputs: ModelInputs
+    backend: Backend
+    size: tuple[int, int]  # the exact output (width, height)
+
+
+class Engine:
+    """Runs requests on the backends configured for each mode.
+
+    `model` is None or "default" (the configured model per mode), "tiny" (the tiny twins of those), or a
+    model reference used for every mode it serves (see `i2v.backends.resolve`).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str | None = None,
+        settings: Settings | None = None,
+        loader: ImageLoader | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.model = model
+        self.device = torch.device(device or self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.loader = loader or ImageLoader()
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self._lock = threading.Lock()
+
+    def model_ref(self, mode: str) -> str:
+        configured = self.settings.models[mode]
+        if self.model in (None, "default"):
+            return configured
+        if self.model == "tiny":
+            return "tiny-" + configured.partition("=")[0]
+        return self.model
+
+    def backend(self, mode: str) -> Backend:
+        """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
+        cls, spec = resolve(self.model_ref(mode), self.settings.tiny_dir)
+        if mode not in spec.modes:
+            raise InputError("mode", f"model {spec.name} does not serve {mode} mode (it serves: {', '.join(spec.modes)})")
+        with self._lock:
+            key = (spec.name, spec.source)
+            if key not in self._backends:
+                backend = cls(spec, self.device)
+                try:
+                    backend.load()
+                except (OSError, ValueError) as exc:
+                    raise ModelUnavailable(f"could not load {spec.name} from {spec.source}: {exc}") from exc
+                self._backends[key] = backend
+            return self._backends[key]
+
+    def render(
+        self,
+        request: KlingRequest,
+        *,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Rendered:
+        """Run the model for a request; the frames come back on the model's grid and at its fps."""
+        report = Reporter(on_progress, cancel)
+        timings = timings if timings is not None else {}
+        clock = time.perf_counter()
+
+        report("loading inputs")
+        start = self.loader.load(request.start_image, "start_image")
+        end = self.loader.load(request.end_image, "end_image") if request.end_image is not None else None
+        size = output_size(start.width, start.height, request.short_side)
+        timings["inputs"] = time.perf_counter() - clock
+
+        report("loading model")
+        clock = time.perf_counter()
+        backend = self.backend(request.mode)
+        spec = backend.spec
+        if end is not None and not spec.takes_end_frame:
+            raise InputError("end_image", f"model {spec.name} cannot take an end frame; configure a keyframe model")
+        timings["load"] = time.perf_counter() - clock
+
+        width, height = spec.grid.size_for(size[0] / size[1])
+        inputs = ModelInputs(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            image=fit_image(start, (width, height)),
+            end_image=fit_image(end, (width, height)) if end is not None else None,
+            width=width,
+            height=height,
+            num_frames=spec.frames_for(request.duration),
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
+            audio=request.audio,
+        )
+
+        def on_step(step: int, total: int) -> None:
+            report("denoising", step, total)
+            if step == total:
+                report("decoding")
+
+        clock = time.perf_counter()
+        report("denoising", 0, spec.steps)
+        with torch.inference_mode():
+            clip = backend.generate(inputs, on_step)
+        timings["generate"] = time.perf_counter() - clock
+        report.check_cancel()
+        return Rendered(clip=clip, inputs=inputs, backend=backend, size=size)
+
+    def generate(
+        self,
+        request: KlingRequest,
+        output: str | Path,
+        *,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Result:
+        """Render a request to an mp4 at `output` (H.264, 24 fps, exact size); returns what was made."""
+        timings: dict[str, float] = {}
+        rendered = self.render(request, on_progress=on_progress, cancel=cancel, timings=timings)
+        clip, inputs, spec = rendered.clip, rendered.inputs, rendered.backend.spec
+        if clip.fps != FPS:
+            raise ModelUnavailable(f"model {spec.name} renders {clip.fps} fps and no retiming to {FPS} fps is set up")
+        frames = to_uint8(clip.frames) if clip.frames.dtype != "uint8" else clip.frames
+        if len(frames) != request.num_frames:
+            raise RuntimeError(f"{spec.name} returned {len(frames)} frames, expected {request.num_frames}")
+
+        Reporter(on_progress, cancel)("encoding video")
+        clock = time.perf_counter()
+        metadata = {
+            "title": request.prompt,
+            "comment": {
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "seed": inputs.seed,
+                "model": spec.name,
+                "mode": request.mode,
+                "duration": request.duration,
+            },
+        }
+        path = write_mp4(
+            frames,
+            output,
+            size=rendered.size,
+            fps=FPS,
+            metadata=metadata,
+            preset=self.settings.x264_preset,
+            crf=self.settings.x264_crf,
+        )
+        timings["encode"] = time.perf_counter() - clock
+        log.info("wrote %s (%s, seed %d) in %s", path, spec.name, inputs.seed, timings)
+        return Result(
+            path=path,
+            seed=inputs.seed,
+            model=spec.name,
+            width=rendered.size[0],
+            height=rendered.size[1],
+            num_frames=len(frames),
+            fps=FPS,
+            timings=timings,
+        )

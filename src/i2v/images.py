@@ -1,0 +1,154 @@
+"""Images in: fetch (http/https URL, data URI, local path), decode, normalise and check against Kling's rules.
+
+Every failure is an `InputError` naming the field (`start_image`, `end_image`) and the rule.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+import httpx
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+MAX_BYTES = 10 * 1024 * 1024
+MIN_SIDE = 300
+MAX_ASPECT = 2.5
+MAX_PIXELS = 40_000_000  # decompression-bomb guard: far above any real photo we could use
+FORMATS = {"JPEG", "PNG", "WEBP"}
+MAX_REDIRECTS = 3
+
+
+@dataclass(frozen=True)
+class ImageLoader:
+    """How image references are resolved. The CLI and library allow local paths; the server does not."""
+
+    allow_local_paths: bool = True
+    timeout: float = 20.0
+    max_bytes: int = MAX_BYTES
+
+    def load(self, ref: str, field: str) -> Image.Image:
+        """Fetch, decode and check one image; returns an RGB image, EXIF orientation applied."""
+        return decode_image(self.read_bytes(ref, field), field)
+
+    def read_bytes(self, ref: str, field: str) -> bytes:
+        scheme = urlsplit(ref).scheme.lower()
+        if scheme in ("http", "https"):
+            return self._fetch(ref, field)
+        if scheme == "data":
+            return self._data_uri(ref, field)
+        if len(scheme) > 1:  # single letters are Windows drive names, not schemes
+            raise InputError(field, f"unsupported URL scheme '{scheme}': use http, https or a data URI")
+        if not self.allow_local_paths:
+            raise InputError(field, "must be an http(s) URL, a data URI or an uploaded file's URL")
+        return self._local(Path(ref), field)
+
+    def _local(self, path: Path, field: str) -> bytes:
+        if not path.is_file():
+            raise InputError(field, f"no such image file: {path}")
+        if path.stat().st_size > self.max_bytes:
+            raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+        return path.read_bytes()
+
+    def _data_uri(self, uri: str, field: str) -> bytes:
+        header, sep, payload = uri.partition(",")
+        if not sep:
+            raise InputError(field, "malformed data URI: no ',' before the data")
+        if len(payload) > self.max_bytes * 4 // 3 + 4:
+            raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+        try:
+            if header.endswith(";base64"):
+                return base64.b64decode(payload, validate=True)
+            return unquote_to_bytes(payload)
+        except (binascii.Error, ValueError) as exc:
+            raise InputError(field, f"malformed data URI: {exc}") from None
+
+    def _fetch(self, url: str, field: str) -> bytes:
+        # Redirects are followed by hand so that every hop is checked the same way as the first.
+        with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                self._check_url(url, field)
+                try:
+                    with client.stream("GET", url) as response:
+                        if response.is_redirect:
+                            url = urljoin(url, response.headers.get("location", ""))
+                            continue
+                        if response.status_code != 200:
+                            raise InputError(field, f"fetching the image failed: HTTP {response.status_code}")
+                        return self._read_capped(response, field)
+                except httpx.HTTPError as exc:
+                    raise InputError(field, f"fetching the image failed: {type(exc).__name__}: {exc}") from None
+        raise InputError(field, f"too many redirects (at most {MAX_REDIRECTS})")
+
+    def _check_url(self, url: str, field: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise InputError(field, f"unsupported URL scheme '{parts.scheme}': use http or https")
+        if not parts.hostname:
+            raise InputError(field, "URL has no host")
+
+    def _read_capped(self, response: httpx.Response, field: str) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > self.max_bytes:
+                raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+        return bytes(body)
+
+
+def decode_image(data: bytes, field: str) -> Image.Image:
+    """Decode JPEG/PNG/WebP bytes into an upright RGB image, or say precisely why not."""
+    if not data:
+        raise InputError(field, "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in FORMATS:
+                raise InputError(field, f"unsupported image format {image.format}: use JPEG, PNG or WebP")
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise InputError(field, f"image is too large ({width}x{height}); at most {MAX_PIXELS} pixels")
+            if getattr(image, "n_frames", 1) > 1:
+                raise InputError(field, "animated images are not accepted: send a single still frame")
+            image.load()
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(field, "not a decodable image (expected JPEG, PNG or WebP)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(field, f"the image is corrupt or truncated ({exc})") from None
+    image = ImageOps.exif_transpose(image)
+    image = _flatten(image)
+    check_geometry(image, field)
+    return image
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited onto white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_geometry(image: Image.Image, field: str) -> None:
+    width, height = image.size
+    if min(width, height) < MIN_SIDE:
+        raise InputError(field, f"image is {width}x{height}; each side must be at least {MIN_SIDE} px")
+    aspect = width / height
+    if not 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
+        raise InputError(
+            field, f"aspect ratio {aspect:.2f}:1 is outside 1:{MAX_ASPECT} .. {MAX_ASPECT}:1 ({width}x{height})"
+        )

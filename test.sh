@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up with the test tools, then run the test suite (and ruff). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+./setup.sh --dev
+.venv/bin/ruff check src tests bench
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny models in a per-session cache, test images, a loopback HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+# Fast x264 settings keep CI inside its budget; the encode path is the same code.
+os.environ.setdefault("I2V_X264_PRESET", "ultrafast")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test session builds its tiny twins afresh (save_pretrained), then loads them from there."""
+    cache = Path(os.environ.get("I2V_TEST_CACHE_DIR") or tmp_path_factory.mktemp("i2v-cache"))
+    os.environ["I2V_CACHE_DIR"] = str(cache)
+    return cache
+
+
+def make_image(width: int, height: int, fmt: str = "PNG", seed: int = 0, mode: str = "RGB") -> bytes:
+    """A smooth colourful picture (gradients and a disc) encoded as `fmt`."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = rng.uniform(0, 255, 3)
+    rgb = np.stack(
+        [(base[0] + 200 * x / width) % 256, (base[1] + 200 * y / height) % 256, (base[2] + 100 * (x + y) / (width + height)) % 256],
+        axis=-1,
+    )
+    disc = (x - width * 0.6) ** 2 + (y - height * 0.4) ** 2 < (min(width, height) * 0.2) ** 2
+    rgb[disc] = [250, 230, 120]
+    image = Image.fromarray(rgb.astype(np.uint8))
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def image_file(tmp_path: Path):
+    """Write a test image and return its path: image_file(width, height, fmt="PNG", seed=0)."""
+
+    def write(width: int, height: int, fmt: str = "PNG", seed: int = 0, mode: str = "RGB") -> Path:
+        path = tmp_path / f"img-{width}x{height}-{seed}.{fmt.lower()}"
+        path.write_bytes(make_image(width, height, fmt, seed, mode))
+        return path
+
+    return write
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on 127.0.0.1: yields (folder, base_url)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def probe(path: Path) -> dict[str, object]:
+    """What a player sees in an mp4: size, fps, frame count (decoded), codec, pixel format, audio, metadata."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        info: dict[str, object] = {
+            "width": video.codec_context.width,
+            "height": video.codec_context.height,
+            "fps": video.average_rate,
+            "codec": video.codec_context.name,
+            "pix_fmt": video.codec_context.pix_fmt,
+            "audio": [s.codec_context.name for s in container.streams.audio],
+            "metadata": dict(container.metadata),
+        }
+        info["frames"] = sum(1 for _ in container.decode(video=0))
+    return info
+
+
+def decode_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
