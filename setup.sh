@@ -34,4 +34,14 @@ fi
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 "${pip[@]}" -e ".${extras}"
+
+# The web page's tests drive Debian's chromium through Playwright (never `playwright install`).
+if [ -n "$extras" ] && ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing chromium (apt) for the browser tests"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup: no chromium here (and not root with apt-get): the browser tests will be skipped"
+    fi
+fi
 echo "setup: ready (.venv/bin/i2v)"
