@@ -139,6 +139,8 @@
 
   // A message that starts with a field name ("start_image: too small") goes beside that field.
   function placeMessage(text, fallbackField) {
+    const parts = String(text).split(new RegExp(`;\\s+(?=(?:input\\.)?(?:${FIELDS.join("|")})\\b)`));
+    if (parts.length > 1) return parts.map((part) => placeMessage(part, fallbackField))[0];
     const match = String(text).match(FIELD_IN_TEXT);
     if (match) return showFieldError(match[1], match[2] ? text.slice(match[0].length) : text);
     return showFieldError(fallbackField, text);
@@ -353,18 +355,24 @@
 
   // ---------- following a prediction ----------
 
+  // The last log line is the progress: "denoising", or tqdm-like " 40%|████      | 2/5 denoising".
   function parseLogs(logs) {
     const lines = String(logs || "").split(/\r?\n/).map((l) => l.trim()).filter(Boolean);
     const last = lines.at(-1) || "";
-    const steps = last.match(/(\d+)\s*\/\s*(\d+)/);
-    const stage = last.replace(/(\d+)\s*\/\s*(\d+).*$/, "").replace(/^\[[^\]]*\]\s*/, "").replace(/[:\s]+$/, "");
+    const bar = last.match(/^\d+%\|[^|]*\|\s*(\d+)\s*\/\s*(\d+)\s*(.*)$/);
+    const plain = bar ? null : last.match(/^(.*?)\s*(\d+)\s*\/\s*(\d+)\s*$/);
     const seed = String(logs || "").match(/\bseed[\s=:]+(\d+)/i);
-    return {
-      stage,
-      step: steps ? Number(steps[1]) : null,
-      total: steps ? Number(steps[2]) : null,
-      seed: seed ? seed[1] : null,
-    };
+    let stage = last;
+    let step = null;
+    let total = null;
+    if (bar) [stage, step, total] = [bar[3], Number(bar[1]), Number(bar[2])];
+    else if (plain) [stage, step, total] = [plain[1], Number(plain[2]), Number(plain[3])];
+    return { stage: stage.trim(), step, total, seed: seed ? seed[1] : null };
+  }
+
+  // The seed the server used: a field of the prediction when it reports one, else a log line.
+  function seedOf(pred) {
+    return pred.metrics?.seed ?? pred.seed ?? parseLogs(pred.logs).seed ?? null;
   }
 
   function track(pred, skew = 0) {
@@ -524,7 +532,7 @@
     link.hidden = false;
     link.href = src;
     link.download = `i2v-${pred.id}.mp4`;
-    const { seed } = parseLogs(pred.logs);
+    const seed = seedOf(pred);
     const time = pred.metrics?.predict_time;
     video.onloadedmetadata = () => {
       const parts = [`${video.videoWidth} × ${video.videoHeight}`, `${video.duration.toFixed(1)} s`];
@@ -570,7 +578,7 @@
       status: pred.status,
       output: pred.output ?? entry.output ?? null,
       error: pred.error ?? null,
-      seed: parseLogs(pred.logs).seed ?? entry.seed ?? null,
+      seed: seedOf(pred) ?? entry.seed ?? null,
       completed_at: pred.completed_at ?? null,
     };
     if (Object.keys(next).every((k) => entry[k] === next[k])) return;
