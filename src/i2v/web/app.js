@@ -358,7 +358,7 @@
   // The last log line is the progress: "denoising", or tqdm-like " 40%|████      | 2/5 denoising".
   function parseLogs(logs) {
     const lines = String(logs || "").split(/\r?\n/).map((l) => l.trim()).filter(Boolean);
-    const last = lines.at(-1) || "";
+    const last = lines.filter((l) => !/^seed\b/i.test(l)).at(-1) || ""; // "seed: N" closes a finished run
     const bar = last.match(/^\d+%\|[^|]*\|\s*(\d+)\s*\/\s*(\d+)\s*(.*)$/);
     const plain = bar ? null : last.match(/^(.*?)\s*(\d+)\s*\/\s*(\d+)\s*$/);
     const seed = String(logs || "").match(/\bseed[\s=:]+(\d+)/i);

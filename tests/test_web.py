@@ -1,0 +1,298 @@
+"""The web page at `/`, driven in headless Chromium (Debian's package) against the real server.
+
+`i2v serve --model tiny` runs on loopback, once with a token and once with `--no-auth`; the page
+uploads, submits, follows progress, plays and downloads the clip, keeps its history, and puts API
+errors beside their fields. Screenshots go to test-artifacts/web/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import probe
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install -e '.[dev]'")
+expect = sync_api.expect
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip("no chromium: ./setup.sh --dev installs Debian's package (as root)", allow_module_level=True)
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
+TOKEN = "web-test-token"
+CLIP_TIMEOUT_S = 300  # a tiny-model 5 s clip takes about half a minute on 2 busy cores
+PROMPT = "a yellow sun drifts over a green field"
+
+
+# ---------- the server and the browser ----------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(data_dir: Path, token: str | None) -> Iterator[str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "I2V_API_TOKEN"}
+    args = [sys.executable, "-m", "i2v", "serve", "--model", "tiny", "--data-dir", str(data_dir)]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    if token:
+        env["I2V_API_TOKEN"] = token
+    else:
+        args.append("--no-auth")
+    log_path = data_dir / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"i2v serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"i2v serve did not answer in 120 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _start_server(tmp_path_factory.mktemp("web-auth"), TOKEN)
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _start_server(tmp_path_factory.mktemp("web-open"), None)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser profile (empty localStorage) per test; page errors fail the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"errors in the page's script: {errors}"
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def use_token(page: Any, base: str) -> None:
+    page.goto(f"{base}/")
+    page.fill("#token", TOKEN)
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#auth-status")).to_contain_text("accepts your token")
+
+
+def follow_job(page: Any) -> list[tuple[str, str, str, str]]:
+    """Watch the job panel until the clip plays or the prediction ends; returns what it showed."""
+    seen: list[tuple[str, str, str, str]] = []
+    deadline = time.monotonic() + CLIP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = page.evaluate(
+            """() => [
+                document.querySelector('#job-state').textContent,
+                document.querySelector('#job-stage').textContent,
+                document.querySelector('#job-steps').textContent,
+                document.querySelector('#job-elapsed').textContent,
+                document.querySelector('#result-video').readyState,
+            ]"""
+        )
+        if not seen or seen[-1] != tuple(state[:4]):
+            seen.append(tuple(state[:4]))
+            if len(seen) == 3:
+                shot(page, "02-rendering")
+        if state[0] in ("Failed", "Canceled") or state[4] >= 2:
+            return seen
+        time.sleep(0.15)
+    pytest.fail(f"the clip did not finish in {CLIP_TIMEOUT_S} s; the page showed {seen[-5:]}")
+
+
+def wait_until_playing(page: Any) -> dict[str, Any]:
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#result-video'); return !v.paused && v.currentTime > 0; }",
+        timeout=30_000,
+    )
+    return page.evaluate(
+        """() => { const v = document.querySelector('#result-video');
+                   return {src: v.currentSrc, duration: v.duration,
+                           width: v.videoWidth, height: v.videoHeight}; }"""
+    )
+
+
+# ---------- tests ----------
+
+
+def test_clip_with_token_plays_downloads_and_stays_in_history(
+    page: Any, auth_server: str, image_file, tmp_path: Path
+) -> None:
+    page.goto(f"{auth_server}/")
+    # The server needs a token: the page asks for it, refuses a wrong one, keeps the right one.
+    expect(page.locator("#auth-status")).to_contain_text("needs an API token")
+    expect(page.locator("#auth")).to_have_attribute("open", "")
+    shot(page, "00-token-needed")
+    page.fill("#token", "not-the-token")
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#token-error")).to_contain_text("did not accept")
+    page.fill("#token", TOKEN)
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#auth-status")).to_contain_text("accepts your token")
+    assert page.evaluate("localStorage.getItem('i2v.token')") == TOKEN
+
+    # The end image is for pro mode only.
+    expect(page.locator("#end_image")).to_be_disabled()
+    page.check("input[name=mode][value=pro]")
+    expect(page.locator("#end_image")).to_be_enabled()
+    page.check("input[name=mode][value=standard]")
+    expect(page.locator("#end_image")).to_be_disabled()
+
+    page.set_input_files("#start_image", str(image_file(640, 400, "JPEG")))
+    expect(page.locator("#start_image-info")).to_contain_text("640 × 400 px")
+    expect(page.locator("#start_image-preview")).to_be_visible()
+    page.fill("#prompt", PROMPT)
+    page.fill("#seed", "7")
+    shot(page, "01-form")
+    page.click("#submit")
+
+    seen = follow_job(page)
+    assert seen[-1][0] == "Done", seen
+    # Live progress: a stage from the engine's logs while it rendered, and the elapsed clock moving.
+    stages = {s[1].lower() for s in seen if s[0] == "Rendering"}
+    assert stages & {"loading inputs", "loading model", "denoising", "decoding", "encoding video"}, seen
+    assert len({s[3] for s in seen}) > 1, f"the elapsed time never moved: {seen}"
+    for _, _, steps, _ in seen:
+        assert steps == "" or steps.startswith("step "), seen
+
+    playing = wait_until_playing(page)
+    assert playing["src"].startswith("blob:"), "with auth on, the clip is fetched with the token"
+    assert playing["duration"] == pytest.approx(5.04, abs=0.1)
+    assert playing["width"] > 0 and playing["height"] > 0
+    expect(page.locator("#result-meta")).to_contain_text("seed 7")
+    shot(page, "03-done")
+
+    with page.expect_download() as download_info:
+        page.click("#result-download")
+    download = download_info.value
+    assert download.suggested_filename.endswith(".mp4")
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    info = probe(saved)
+    assert info["codec"] == "h264" and info["frames"] == 121
+    assert (info["width"], info["height"]) == (playing["width"], playing["height"])
+
+    history = page.locator("#history > li")
+    expect(history).to_have_count(1)
+    expect(history.first).to_contain_text(PROMPT)
+    expect(history.first).to_contain_text("seed 7")
+    expect(history.first.locator(".history-status")).to_have_text("Done")
+
+    # After a reload the token and the history are still there; a clip re-runs from the history.
+    page.reload()
+    expect(page.locator("#auth-status")).to_contain_text("accepts your token")
+    expect(history).to_have_count(1)
+    history.first.locator("[data-action=rerun]").click()
+    expect(history).to_have_count(2)
+    expect(page.locator("#prompt")).to_have_value(PROMPT)
+    expect(page.locator("#seed")).to_have_value("7")
+    expect(history.first).to_contain_text(PROMPT)
+    # The re-run is cancelled at once, from the page.
+    page.click("#job-cancel")
+    expect(page.locator("#job-state")).to_have_text("Canceled", timeout=60_000)
+    expect(history.first.locator(".history-status")).to_have_text("Canceled")
+    expect(history.nth(1).locator(".history-status")).to_have_text("Done")
+    # The older clip still plays from the history.
+    history.nth(1).locator("[data-action=play]").click()
+    assert wait_until_playing(page)["duration"] == pytest.approx(5.04, abs=0.1)
+    shot(page, "04-history")
+
+
+def test_api_errors_show_beside_their_fields(page: Any, auth_server: str, image_file) -> None:
+    use_token(page, auth_server)
+
+    # No image yet: the page says so beside the image field.
+    page.fill("#prompt", PROMPT)
+    page.click("#submit")
+    expect(page.locator("#start_image-error")).to_contain_text("Choose a start image")
+
+    # A prompt over the limit: the server's 422 names input.prompt.
+    page.set_input_files("#start_image", str(image_file(640, 400)))
+    page.fill("#prompt", "x" * 2600)
+    expect(page.locator("#prompt-count")).to_contain_text("2600 / 2500")
+    page.click("#submit")
+    expect(page.locator("#prompt-error")).to_contain_text("2500")
+    expect(page.locator("#prompt")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#start_image-error")).to_be_empty()
+
+    # An image under 300 px: the server names start_image (at once or when the prediction fails).
+    page.set_input_files("#start_image", str(image_file(200, 150)))
+    page.fill("#prompt", PROMPT)
+    page.click("#submit")
+    expect(page.locator("#prompt-error")).to_be_empty()
+    expect(page.locator("#start_image-error")).to_contain_text("300", timeout=CLIP_TIMEOUT_S * 1000)
+    expect(page.locator("#form-error")).to_be_empty()
+    shot(page, "05-errors")
+
+
+def test_clip_without_auth(page: Any, open_server: str, image_file) -> None:
+    page.goto(f"{open_server}/")
+    expect(page.locator("#auth-status")).to_contain_text("needs no token")
+    expect(page.locator("#auth")).not_to_have_attribute("open", "")
+    page.set_input_files("#start_image", str(image_file(480, 640)))
+    page.fill("#prompt", PROMPT)
+    page.click("#submit")
+    seen = follow_job(page)
+    assert seen[-1][0] != "Failed", seen
+    playing = wait_until_playing(page)
+    # Without auth the player streams the output URL itself (Range requests).
+    assert playing["src"].startswith(open_server)
+    assert playing["height"] > playing["width"]  # the clip keeps the portrait image's shape
+    expect(page.locator("#history > li")).to_have_count(1)
+    shot(page, "06-no-auth")
