@@ -1,0 +1,406 @@
+"""The HTTP routes: Replicate's prediction, model, files and webhook-secret API, plus health and metrics.
+
+Routes only translate HTTP to `Service` calls and back; errors leave as Replicate's problem-details JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import mimetypes
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import web
+from .cog_schema import COG_VERSION, openapi_schema, version_id
+from .config import ServerConfig
+from .files import MAX_FILE_BYTES, FileTooLarge
+from .runner import Runner
+from .schemas import (
+    APIError,
+    CreatePrediction,
+    InvalidField,
+    file_body,
+    invalid,
+    invalid_fields,
+    not_found,
+    prediction_body,
+)
+from .service import Service
+from .store import TERMINAL, FileRow, PredictionRow
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 100
+MAX_WAIT = 60
+WAIT_MARGIN = 0.25  # answer a little before the client's read timeout (its wait + 0.5 s)
+_WAIT = re.compile(r"^wait(?:\s*=\s*(\d+))?$")
+
+
+def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
+    """The ASGI app; the service (and the worker processes) start with the app's lifespan."""
+    if runner is None:
+        from .worker import LocalRunner
+
+        runner = LocalRunner(config.model, config.devices)
+    service = Service(config, runner)
+    version = version_id(config.model)
+    started = datetime.now(UTC)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.stop)
+
+    app = FastAPI(
+        title="i2v",
+        description="Replicate-compatible image-to-video API",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.add_middleware(UploadLimit)
+    _install_error_handlers(app)
+
+    def base(request: Request) -> str:
+        return service.base_url(str(request.base_url))
+
+    # health and metrics stay open so load balancers and Prometheus can reach them without a token
+
+    @app.get("/health-check")
+    def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_authenticate(config))])
+
+    # models
+
+    def version_body() -> dict[str, Any]:
+        return {
+            "id": version,
+            "created_at": started.isoformat().replace("+00:00", "Z"),
+            "cog_version": COG_VERSION,
+            "openapi_schema": openapi_schema(),
+        }
+
+    def known_model(owner: str, name: str) -> None:
+        if not service.model_known(owner, name):
+            raise not_found(f"model {owner}/{name}")
+
+    @api.get("/models/{owner}/{name}")
+    def get_model(owner: str, name: str, request: Request) -> dict[str, Any]:
+        known_model(owner, name)
+        return {
+            "url": f"{base(request)}/v1/models/{owner}/{name}",
+            "owner": owner,
+            "name": name,
+            "description": "Image-to-video with Kling v2.1's inputs, on open-weight models served by i2v",
+            "visibility": "public",
+            "github_url": None,
+            "paper_url": None,
+            "license_url": None,
+            "run_count": sum(service.store.counts_by_status().values()),
+            "cover_image_url": None,
+            "default_example": None,
+            "latest_version": version_body(),
+        }
+
+    @api.get("/models/{owner}/{name}/versions")
+    def list_versions(owner: str, name: str) -> dict[str, Any]:
+        known_model(owner, name)
+        return {"next": None, "previous": None, "results": [version_body()]}
+
+    @api.get("/models/{owner}/{name}/versions/{vid}")
+    def get_version(owner: str, name: str, vid: str) -> dict[str, Any]:
+        known_model(owner, name)
+        if vid != version:
+            raise not_found(f"version {vid}")
+        return version_body()
+
+    # predictions
+
+    @api.post("/models/{owner}/{name}/predictions", status_code=201)
+    async def create_for_model(owner: str, name: str, request: Request) -> Response:
+        known_model(owner, name)
+        body = await _body(request)
+        row = await asyncio.to_thread(service.create, f"{owner}/{name}", version, body, base(request))
+        return await _created(row, request)
+
+    @api.post("/predictions", status_code=201)
+    async def create_for_version(request: Request) -> Response:
+        body = await _body(request)
+        if not body.version:
+            raise invalid(
+                "Invalid request",
+                [InvalidField(type="required", field="version", description="Field required")],
+            )
+        model = service.resolve_version(body.version, version)
+        row = await asyncio.to_thread(service.create, model, version, body, base(request))
+        return await _created(row, request)
+
+    async def _created(row: PredictionRow, request: Request) -> Response:
+        wait = _prefer_wait(request.headers.get("prefer"))
+        headers = {"location": f"{base(request)}/v1/predictions/{row.id}"}
+        status = None
+        if wait:
+            row = await service.wait(row.id, max(0.5, wait - WAIT_MARGIN))
+            headers["preference-applied"] = "wait"
+            # The official client polls only when the answer says `starting`: anything else it takes as final.
+            status = None if row.status in TERMINAL else "starting"
+        return JSONResponse(
+            prediction_body(row, base(request), status=status), status_code=201, headers=headers
+        )
+
+    @api.get("/predictions")
+    def list_predictions(request: Request, cursor: str | None = None) -> dict[str, Any]:
+        return _page(
+            service,
+            PredictionRow,
+            cursor,
+            f"{base(request)}/v1/predictions",
+            lambda row: prediction_body(row, base(request)),
+        )
+
+    @api.get("/predictions/{prediction_id}")
+    def get_prediction(prediction_id: str, request: Request) -> dict[str, Any]:
+        return prediction_body(service.get(prediction_id), base(request))
+
+    @api.post("/predictions/{prediction_id}/cancel")
+    async def cancel_prediction(prediction_id: str, request: Request) -> dict[str, Any]:
+        row = await asyncio.to_thread(service.cancel, prediction_id)
+        if row.status not in TERMINAL:  # give a running one a moment to stop at its next step
+            row = await service.wait(prediction_id, 2.0)
+        return prediction_body(row, base(request))
+
+    @api.get("/predictions/{prediction_id}/output.mp4")
+    def get_output(prediction_id: str) -> FileResponse:
+        row = service.get(prediction_id)
+        path = config.outputs_dir / f"{row.id}.mp4"
+        if not row.output or row.data_removed or not path.is_file():
+            raise not_found(f"output of prediction {prediction_id}")
+        return FileResponse(
+            path, media_type="video/mp4", filename=f"{row.id}.mp4", content_disposition_type="inline"
+        )
+
+    # files
+
+    @api.post("/files", status_code=201)
+    def upload_file(
+        request: Request,
+        content: UploadFile = File(...),
+        metadata: str | None = Form(None),
+        filename: str | None = Form(None),
+        type: str | None = Form(None),
+    ) -> dict[str, Any]:
+        try:
+            meta = json.loads(metadata) if metadata else {}
+        except json.JSONDecodeError as exc:
+            raise invalid(
+                "Invalid request",
+                [InvalidField(type="format", field="metadata", description=f"not JSON: {exc}")],
+            ) from None
+        if not isinstance(meta, dict):
+            raise invalid(
+                "Invalid request",
+                [InvalidField(type="type", field="metadata", description="must be a JSON object")],
+            )
+        name = filename or content.filename or "file"
+        content_type = (
+            type or content.content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        )
+        try:
+            row = service.files.save(content.file, name, content_type, meta)
+        except FileTooLarge as exc:
+            raise APIError(413, "Payload too large", str(exc)) from None
+        return file_body(row, base(request))
+
+    @api.get("/files")
+    def list_files(request: Request, cursor: str | None = None) -> dict[str, Any]:
+        return _page(
+            service, FileRow, cursor, f"{base(request)}/v1/files", lambda row: file_body(row, base(request))
+        )
+
+    def _file(file_id: str) -> FileRow:
+        row = service.store.file(file_id)
+        if row is None:
+            raise not_found(f"file {file_id}")
+        return row
+
+    @api.get("/files/{file_id}")
+    def get_file(file_id: str, request: Request) -> dict[str, Any]:
+        return file_body(_file(file_id), base(request))
+
+    @api.get("/files/{file_id}/download")
+    def download_file(file_id: str) -> FileResponse:
+        row = _file(file_id)
+        return FileResponse(service.files.path(row.id), media_type=row.content_type, filename=row.name)
+
+    @api.delete("/files/{file_id}", status_code=204)
+    def delete_file(file_id: str) -> Response:
+        if not service.files.delete(file_id):
+            raise not_found(f"file {file_id}")
+        return Response(status_code=204)
+
+    # webhooks
+
+    @api.get("/webhooks/default/secret")
+    def webhook_secret() -> dict[str, str]:
+        return {"key": service.webhooks.secret}
+
+    app.include_router(api)
+    app.include_router(web.router)  # the page at /, open: it asks the API for a token itself
+    return app
+
+
+def _authenticate(config: ServerConfig) -> Callable[[Request], None]:
+    tokens = [t.encode() for t in config.tokens]
+
+    def check(request: Request) -> None:
+        if config.no_auth:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not token or scheme.lower() not in ("bearer", "token"):
+            raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
+        if not any(secrets.compare_digest(token.strip().encode(), t) for t in tokens):
+            raise APIError(401, "Unauthenticated", "Invalid token")
+
+    return check
+
+
+async def _body(request: Request) -> CreatePrediction:
+    try:
+        raw = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "Invalid request", "the request body is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise APIError(400, "Invalid request", 'the request body must be a JSON object like {"input": {...}}')
+    try:
+        return CreatePrediction.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid("Invalid request", invalid_fields(exc)) from None
+
+
+def _prefer_wait(header: str | None) -> float | None:
+    """Seconds to hold the response for `Prefer: wait` (60) or `Prefer: wait=N` (1..60); None without it."""
+    for part in (header or "").split(","):
+        match = _WAIT.match(part.strip().lower())
+        if match:
+            return float(min(MAX_WAIT, max(1, int(match.group(1) or MAX_WAIT))))
+    return None
+
+
+def _cursor(value: dict[str, int]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def _page(
+    service: Service, model: type, cursor: str | None, url: str, render: Callable[[Any], Any]
+) -> dict[str, Any]:
+    """Newest first, PAGE_SIZE a page; `next`/`previous` are absolute URLs with an opaque cursor."""
+    after = before = None
+    if cursor:
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+            after, before = decoded.get("a"), decoded.get("b")
+        except (binascii.Error, ValueError, AttributeError):
+            raise APIError(400, "Invalid request", "the cursor is not one this server made") from None
+    rows, more = service.store.page(model, after=after, before=before, limit=PAGE_SIZE)
+    older = newer = False
+    if rows:
+        if before is None:
+            older, newer = more, after is not None and service.store.exists_newer(model, rows[0].seq)
+        else:
+            older, newer = service.store.exists_older(model, rows[-1].seq), more
+    return {
+        "next": f"{url}?cursor={_cursor({'a': rows[-1].seq})}" if older else None,
+        "previous": f"{url}?cursor={_cursor({'b': rows[0].seq})}" if newer else None,
+        "results": [render(row) for row in rows],
+    }
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def problem(
+        status: int, title: str, detail: str, fields: list[InvalidField] | None = None
+    ) -> JSONResponse:
+        body = {"title": title, "detail": detail, "status": status}
+        if fields is not None:
+            body["invalid_fields"] = [f.model_dump() for f in fields]
+        headers = {"www-authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        p = exc.problem
+        return problem(p.status, p.title, p.detail, p.invalid_fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Request failed")
+        return problem(exc.status_code, title, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [
+            InvalidField(
+                type=e["type"],
+                field=".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]),
+                description=e["msg"],
+            )
+            for e in exc.errors()
+        ]
+        return problem(
+            422, "Invalid request", "\n".join(f"- {f.field}: {f.description}" for f in fields), fields
+        )
+
+    @app.exception_handler(Exception)
+    async def crash(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem(500, "Internal server error", "the server hit an unexpected error; it has been logged")
+
+
+class UploadLimit:
+    """Refuse uploads over the Files API limit from their Content-Length, before reading the body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].rstrip("/").endswith("/v1/files")
+        ):
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if (
+                length.isdigit() and int(length) > MAX_FILE_BYTES + 2**20
+            ):  # allowance for the multipart framing
+                detail = f"files are limited to {MAX_FILE_BYTES // 2**20} MB"
+                response = JSONResponse(
+                    {"title": "Payload too large", "detail": detail, "status": 413}, status_code=413
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

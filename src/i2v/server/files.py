@@ -1,0 +1,78 @@
+"""The Files API's storage: uploads streamed to disk with their checksums, and resolved back for predictions."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .store import FileRow, Store, utcnow
+
+MAX_FILE_BYTES = 100 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class FileTooLarge(ValueError):
+    pass
+
+
+def new_id() -> str:
+    """26 lowercase base32 characters, like Replicate's ids."""
+    return base64.b32encode(secrets.token_bytes(16)).decode().lower().rstrip("=")
+
+
+class Files:
+    def __init__(self, store: Store, folder: Path, retention: float | None) -> None:
+        self.store, self.folder, self.retention = store, folder, retention
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, file_id: str) -> Path:
+        return self.folder / file_id
+
+    def save(self, stream: BinaryIO, name: str, content_type: str, metadata: dict[str, Any]) -> FileRow:
+        file_id = new_id()
+        sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
+        partial = self.folder / f".{file_id}.part"
+        try:
+            with partial.open("wb") as out:
+                while chunk := stream.read(CHUNK):
+                    size += len(chunk)
+                    if size > MAX_FILE_BYTES:
+                        raise FileTooLarge(f"files are limited to {MAX_FILE_BYTES // 2**20} MB")
+                    sha256.update(chunk)
+                    md5.update(chunk)
+                    out.write(chunk)
+            partial.rename(self.path(file_id))
+        finally:
+            partial.unlink(missing_ok=True)
+        now = utcnow()
+        row = FileRow(
+            id=file_id,
+            name=name,
+            content_type=content_type,
+            size=size,
+            sha256=sha256.hexdigest(),
+            md5=md5.hexdigest(),
+            meta=metadata,
+            created_at=now,
+            expires_at=now + timedelta(seconds=self.retention) if self.retention else None,
+        )
+        self.store.add(row)
+        return row
+
+    def delete(self, file_id: str) -> bool:
+        if not self.store.delete_file(file_id):
+            return False
+        self.path(file_id).unlink(missing_ok=True)
+        return True
+
+    def data_uri(self, file_id: str) -> str | None:
+        """An uploaded file as a data URI, for the worker (which never reads local paths from requests)."""
+        row = self.store.file(file_id)
+        path = self.path(file_id)
+        if row is None or not path.is_file():
+            return None
+        return f"data:{row.content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"

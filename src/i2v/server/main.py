@@ -1,0 +1,34 @@
+"""`i2v serve`: check the settings, then run the app under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, ServerConfig
+
+
+def serve(
+    *,
+    host: str | None,
+    port: int | None,
+    model: str | None,
+    data_dir: Path | None,
+    no_auth: bool,
+) -> int:
+    try:
+        config = ServerConfig.from_env(host=host, port=port, model=model, data_dir=data_dir, no_auth=no_auth)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.no_auth:
+        logging.getLogger(__name__).warning("serving WITHOUT authentication on %s", config.host)
+    app = create_app(config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", proxy_headers=True)
+    return 0

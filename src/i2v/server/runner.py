@@ -1,0 +1,88 @@
+"""The boundary between the HTTP service and whatever runs the model.
+
+The service hands a `Runner` one `Job` at a time per free slot and learns what happens through `Event`s.
+Today's runner is a local worker process per GPU (`worker.LocalRunner`); a distributed engine can take its
+place by implementing the same few methods, without touching the HTTP layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+RunnerState = Literal["STARTING", "READY", "BUSY", "SETUP_FAILED"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prediction to run. `request` holds KlingRequest fields; its images are http(s) URLs or data URIs
+    (uploaded files are inlined by the service), never local paths. The mp4 is written to `output`."""
+
+    id: str
+    request: dict[str, Any]
+    output: str
+
+
+@dataclass(frozen=True)
+class Started:
+    id: str
+
+
+@dataclass(frozen=True)
+class Log:
+    id: str
+    line: str
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    id: str
+    predict_time: float
+    info: dict[str, Any] = field(default_factory=dict)  # seed, model, width, height, ...
+
+
+@dataclass(frozen=True)
+class Failed:
+    id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Canceled:
+    id: str
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """A worker became ready, busy, idle or failed its setup; `detail` says why when it failed."""
+
+    state: RunnerState
+    detail: str | None = None
+
+
+Event = Started | Log | Succeeded | Failed | Canceled | StateChanged
+EventCallback = Callable[[Event], None]
+
+
+class Runner(Protocol):
+    def start(self, on_event: EventCallback) -> None:
+        """Start the workers; events (from any thread) go to `on_event` from now on."""
+
+    def state(self) -> RunnerState:
+        """STARTING until a worker is set up; READY with a free slot; BUSY when all are running."""
+
+    def setup_error(self) -> str | None:
+        """Why setup failed, when it did."""
+
+    def free_slots(self) -> int:
+        """How many jobs `submit` would accept right now."""
+
+    def submit(self, job: Job) -> None:
+        """Run a job on a free slot (the caller checked `free_slots`)."""
+
+    def cancel(self, prediction_id: str) -> None:
+        """Stop a running job at its next step; ends with a `Canceled` event (or its outcome if too late)."""
+
+    def stop(self) -> None:
+        """Stop the workers; running jobs are abandoned (the store recovers them at the next start)."""

@@ -1,0 +1,191 @@
+"""Webhooks as Replicate sends them: signed (webhook-id/-timestamp/-signature), throttled, terminal ones retried.
+
+The signature is HMAC-SHA256 over "{id}.{timestamp}.{body}" keyed with the base64 part of a `whsec_` secret,
+so `replicate.webhooks.validate` accepts our deliveries. Non-terminal events (start, output, logs) go out at
+most every 500 ms per prediction, the latest state winning; the terminal event is stored and retried with
+backoff (about a minute in all), across restarts too.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import hmac
+import itertools
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+
+from .store import DeliveryRow, Store, utcnow
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("start", "output", "logs", "completed")
+MIN_INTERVAL = 0.5  # seconds between non-terminal webhooks of one prediction
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # after the first try of a terminal event: ~63 s in all
+TIMEOUT = 10.0
+
+BodyFactory = Callable[[], str | None]
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def load_secret(path: Path, configured: str | None = None) -> str:
+    """The signing secret: configured, else kept in the data dir (made on first start, owner-only)."""
+    if configured:
+        return configured
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret)
+    return secret
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
+    key = base64.b64decode(secret.split("_", 1)[1])
+    digest = hmac.new(key, f"{message_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+class WebhookSender:
+    """Queues, signs, throttles and delivers webhooks from background threads."""
+
+    def __init__(self, store: Store, secret: str, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+        self.store, self.secret, self.retry_delays = store, secret, retry_delays
+        self._heap: list[tuple[float, int, str, object]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._last_sent: dict[str, float] = {}
+        self._flush_pending: set[str] = set()
+        self._stopping = False
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+        self._client = httpx.Client(
+            timeout=TIMEOUT, follow_redirects=False, headers={"user-agent": "i2v-webhooks"}
+        )
+        self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
+
+    def start(self) -> None:
+        for row in self.store.pending_deliveries():
+            if row.terminal:
+                self._push(0.0, "deliver", row)
+            else:  # a progress event from before a restart is stale; the terminal one follows
+                self.store.update_delivery(row.id, state="failed", last_error="dropped: the server restarted")
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def send(self, prediction_id: str, url: str, event: str, body: str, *, terminal: bool) -> None:
+        """Send now (a terminal event, or a start); progress should go through `send_progress`."""
+        if not terminal:
+            self._last_sent[prediction_id] = time.monotonic()
+        self._push(0.0, "deliver", self._record(prediction_id, url, event, body, terminal))
+
+    def send_progress(self, prediction_id: str, url: str, event: str, body: BodyFactory) -> None:
+        """At most one progress webhook per MIN_INTERVAL; a throttled one is sent later with the latest state."""
+        with self._wake:
+            if prediction_id in self._flush_pending:
+                return
+            due = self._last_sent.get(prediction_id, 0.0) + MIN_INTERVAL
+            self._flush_pending.add(prediction_id)
+        self._push(max(0.0, due - time.monotonic()), "flush", (prediction_id, url, event, body))
+
+    def forget(self, prediction_id: str) -> None:
+        self._last_sent.pop(prediction_id, None)
+
+    def _record(self, prediction_id: str, url: str, event: str, body: str, terminal: bool) -> DeliveryRow:
+        now = utcnow()
+        row = DeliveryRow(
+            id="msg_" + secrets.token_hex(12),
+            prediction_id=prediction_id,
+            url=url,
+            event=event,
+            terminal=terminal,
+            body=body,
+            state="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        self.store.add(row)
+        return row
+
+    def _push(self, delay: float, kind: str, payload: object) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), kind, payload))
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._wake.wait(timeout=(self._heap[0][0] - time.monotonic()) if self._heap else None)
+                if self._stopping:
+                    return
+                _, _, kind, payload = heapq.heappop(self._heap)
+            if kind == "flush":
+                self._flush(*payload)  # type: ignore[misc]
+            else:
+                self._pool.submit(self._attempt, payload)
+
+    def _flush(self, prediction_id: str, url: str, event: str, body: BodyFactory) -> None:
+        with self._wake:
+            self._flush_pending.discard(prediction_id)
+        text = body()
+        if text is not None:  # None: the prediction ended meanwhile and its terminal webhook says it all
+            self.send(prediction_id, url, event, text, terminal=False)
+
+    def _attempt(self, row: DeliveryRow) -> None:
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": row.id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.secret, row.id, timestamp, row.body),
+        }
+        row.attempts += 1
+        try:
+            response = self._client.post(row.url, content=row.body.encode(), headers=headers)
+            error = None if response.is_success else f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if error is None:
+            self.store.update_delivery(row.id, state="delivered", attempts=row.attempts, last_error=None)
+            return
+        retry = row.terminal and row.attempts <= len(self.retry_delays)
+        log.warning(
+            "webhook %s for %s to %s failed (%s)%s",
+            row.event,
+            row.prediction_id,
+            row.url,
+            error,
+            "; retrying" if retry else "",
+        )
+        if retry:
+            delay = self.retry_delays[row.attempts - 1]
+            self.store.update_delivery(
+                row.id,
+                attempts=row.attempts,
+                last_error=error,
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+            )
+            self._push(delay, "deliver", row)
+        else:
+            self.store.update_delivery(row.id, state="failed", attempts=row.attempts, last_error=error)

@@ -1,0 +1,294 @@
+"""The local runner: one worker process per GPU, each running one prediction at a time.
+
+The worker process is the only place the engine (and so torch) is imported. It talks to the server over a
+pipe: the server sends ("run", job), ("cancel", id) and ("stop",); the worker answers with events.
+If the server dies, the pipe closes and the worker exits at once, so no orphan keeps the GPU busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .runner import (
+    Canceled,
+    Event,
+    EventCallback,
+    Failed,
+    Job,
+    Log,
+    RunnerState,
+    Started,
+    StateChanged,
+    Succeeded,
+)
+
+log = logging.getLogger(__name__)
+
+SETUP_MODE = "standard"  # the backend loaded at start-up; others load on first use
+BAR_WIDTH = 20
+
+
+def progress_line(stage: str, step: int | None, total: int | None) -> str:
+    """A log line per progress report; steps look like tqdm so Replicate clients parse `prediction.progress`."""
+    if not total:
+        return stage
+    done = step or 0
+    filled = BAR_WIDTH * done // total
+    return f"{100 * done // total:3d}%|{'█' * filled}{' ' * (BAR_WIDTH - filled)}| {done}/{total} {stage}"
+
+
+class WorkerProcess:
+    """One child process on one device, and the thread that reads its events."""
+
+    def __init__(self, index: int, model: str | None, device: str | None, on_event: EventCallback) -> None:
+        self.index, self.model, self.device = index, model, device
+        self._on_event = on_event
+        self._send_lock = threading.Lock()
+        self.state: RunnerState = "STARTING"
+        self.error: str | None = None
+        self.current: str | None = None
+        self._stopping = False
+        self._spawn()
+
+    def _spawn(self) -> None:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA cannot survive fork
+        self._conn, child = context.Pipe()
+        self.process = context.Process(
+            target=worker_main,
+            args=(child, self.model, self.device),
+            name=f"i2v-worker-{self.index}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.state, self.current = "STARTING", None
+        threading.Thread(target=self._read, name=f"i2v-worker-{self.index}-events", daemon=True).start()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def submit(self, job: Job) -> None:
+        self.current = job.id
+        self.send(("run", job))
+
+    def _read(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            for event in self._translate(message):
+                self._on_event(event)
+        self._died()
+
+    def _translate(self, message: tuple[Any, ...]) -> list[Event]:
+        kind = message[0]
+        if kind == "ready":
+            self.state = "READY"
+            return [StateChanged("READY")]
+        if kind == "setup_failed":
+            self.state, self.error = "SETUP_FAILED", message[1]
+            return [StateChanged("SETUP_FAILED", message[1])]
+        if kind == "started":
+            return [Started(message[1])]
+        if kind == "log":
+            return [Log(message[1], message[2])]
+        done: Event
+        if kind == "succeeded":
+            done = Succeeded(message[1], message[2], message[3])
+        elif kind == "failed":
+            done = Failed(message[1], message[2])
+        elif kind == "canceled":
+            done = Canceled(message[1])
+        else:
+            log.warning("unknown message from worker: %r", kind)
+            return []
+        self.current = None  # free before the event goes out, so the next job can be dispatched at once
+        return [done, StateChanged(self.state)]
+
+    def _died(self) -> None:
+        self.process.join(timeout=5)
+        if self._stopping:
+            return
+        lost, code = self.current, self.process.exitcode
+        log.error("worker %d exited (code %s); starting a new one", self.index, code)
+        if lost is not None:
+            self._on_event(
+                Failed(lost, f"the worker process died (exit code {code}) while running this prediction")
+            )
+        self._spawn()
+        self._on_event(StateChanged("STARTING"))
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            self.send(("stop",))
+        except OSError:
+            pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+
+
+class LocalRunner:
+    """Worker processes on this machine, one per configured device."""
+
+    def __init__(self, model: str | None, devices: tuple[str | None, ...] = (None,)) -> None:
+        self.model, self.devices = model, devices
+        self._workers: list[WorkerProcess] = []
+        self._lock = threading.Lock()
+
+    def start(self, on_event: EventCallback) -> None:
+        self._workers = [WorkerProcess(i, self.model, d, on_event) for i, d in enumerate(self.devices)]
+
+    def _accepting(self) -> list[WorkerProcess]:
+        # A worker whose setup failed still takes jobs: each then fails with the reason, instead of waiting forever.
+        return [w for w in self._workers if w.state in ("READY", "SETUP_FAILED") and w.current is None]
+
+    def state(self) -> RunnerState:
+        states = {w.state for w in self._workers}
+        if "READY" in states or "SETUP_FAILED" in states:
+            if self._accepting():
+                return "READY" if "READY" in states else "SETUP_FAILED"
+            return "BUSY"
+        return "STARTING"
+
+    def setup_error(self) -> str | None:
+        return next((w.error for w in self._workers if w.error), None)
+
+    def free_slots(self) -> int:
+        return len(self._accepting())
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            free = self._accepting()
+            if not free:
+                raise RuntimeError("no free worker")
+            free[0].submit(job)
+
+    def cancel(self, prediction_id: str) -> None:
+        for worker in self._workers:
+            if worker.current == prediction_id:
+                worker.send(("cancel", prediction_id))
+
+    def stop(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+
+
+# The child process from here on.
+
+
+def worker_main(conn: Connection, model: str | None, device: str | None) -> None:
+    """Entry point of a worker process: set up the engine, then run jobs as they come."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
+    logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
+    jobs: queue.Queue[Job | None] = queue.Queue()
+    send_lock, state_lock = threading.Lock(), threading.Lock()
+    current: dict[str, Any] = {"id": None, "cancel": None}
+    early_cancels: set[str] = set()
+
+    def send(*message: Any) -> None:
+        with send_lock:
+            conn.send(message)
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the server is gone: free the GPU now
+            if message[0] == "run":
+                jobs.put(message[1])
+            elif message[0] == "cancel":
+                with state_lock:
+                    if current["id"] == message[1]:
+                        current["cancel"].set()
+                    else:
+                        early_cancels.add(message[1])
+            elif message[0] == "stop":
+                os._exit(0)  # a running job is abandoned; the store marks it interrupted at the next start
+
+    threading.Thread(target=read, name="server-pipe", daemon=True).start()
+
+    engine: Any = None
+    setup_error: str | None = None
+    try:
+        from ..engine import Engine
+        from ..images import ImageLoader
+
+        # Images come from the network: URLs and data URIs only, never a path on this machine.
+        engine = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
+        engine.backend(SETUP_MODE)
+    except Exception as exc:
+        setup_error = f"model setup failed: {type(exc).__name__}: {exc}"
+        log.error("%s\n%s", setup_error, traceback.format_exc())
+        send("setup_failed", setup_error)
+    else:
+        send("ready")
+
+    while (job := jobs.get()) is not None:
+        cancel = threading.Event()
+        with state_lock:
+            if job.id in early_cancels:
+                early_cancels.discard(job.id)
+                cancel.set()
+            current.update(id=job.id, cancel=cancel)
+        _run_job(job, engine, setup_error, cancel, send)
+        with state_lock:
+            current.update(id=None, cancel=None)
+
+
+def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.Event, send: Any) -> None:
+    from pydantic import ValidationError
+
+    from ..errors import Cancelled, I2VError, InputError
+    from ..progress import Progress
+    from ..request import KlingRequest, field_errors
+
+    send("started", job.id)
+    clock = time.perf_counter()
+    try:
+        if cancel.is_set():
+            raise Cancelled("canceled before it started")
+        if engine is None:
+            raise I2VError(setup_error or "the model is not set up")
+        request = KlingRequest.model_validate(job.request)
+
+        def on_progress(progress: Progress) -> None:
+            send("log", job.id, progress_line(progress.stage, progress.step, progress.total))
+
+        result = engine.generate(request, job.output, on_progress=on_progress, cancel=cancel)
+    except Cancelled:
+        send("canceled", job.id)
+    except InputError as exc:
+        send("failed", job.id, f"{exc.field}: {exc.rule}")
+    except ValidationError as exc:
+        send("failed", job.id, "; ".join(f"{field}: {rule}" for field, rule in field_errors(exc)))
+    except I2VError as exc:
+        send("failed", job.id, str(exc))
+    except Exception as exc:  # a bug or a GPU fault: report it on the prediction, keep serving
+        log.error("prediction %s crashed:\n%s", job.id, traceback.format_exc())
+        send("failed", job.id, f"internal error: {type(exc).__name__}: {exc}")
+    else:
+        info = {
+            "seed": result.seed,
+            "model": result.model,
+            "width": result.width,
+            "height": result.height,
+            "num_frames": result.num_frames,
+            "fps": result.fps,
+        }
+        send("succeeded", job.id, time.perf_counter() - clock, info)
