@@ -132,25 +132,22 @@ def use_token(page: Any, base: str) -> None:
     expect(page.locator("#auth-status")).to_contain_text("accepts your token")
 
 
-def follow_job(page: Any) -> list[tuple[str, str, str, str]]:
-    """Watch the job panel until the clip plays or the prediction ends; returns what it showed."""
-    seen: list[tuple[str, str, str, str]] = []
+def follow_job(page: Any, name: str) -> list[tuple[str, ...]]:
+    """Watch the job panel until the clip plays or the prediction ends; returns what it showed
+    as (state, queue, stage, steps, elapsed) tuples, and keeps a screenshot of it mid-way."""
+    seen: list[tuple[str, ...]] = []
     deadline = time.monotonic() + CLIP_TIMEOUT_S
     while time.monotonic() < deadline:
-        state = page.evaluate(
-            """() => [
-                document.querySelector('#job-state').textContent,
-                document.querySelector('#job-stage').textContent,
-                document.querySelector('#job-steps').textContent,
-                document.querySelector('#job-elapsed').textContent,
-                document.querySelector('#result-video').readyState,
-            ]"""
+        *shown, ready = page.evaluate(
+            """() => [...['state', 'queue', 'stage', 'steps', 'elapsed'].map(
+                         (id) => document.querySelector('#job-' + id).textContent),
+                      document.querySelector('#result-video').readyState]"""
         )
-        if not seen or seen[-1] != tuple(state[:4]):
-            seen.append(tuple(state[:4]))
-            if len(seen) == 3:
-                shot(page, "02-rendering")
-        if state[0] in ("Failed", "Canceled") or state[4] >= 2:
+        if not seen or seen[-1] != tuple(shown):
+            seen.append(tuple(shown))
+            if shown[0] == "Rendering" and not any(s[0] == "Rendering" for s in seen[:-1]):
+                shot(page, f"{name}-rendering")
+        if shown[0] in ("Failed", "Canceled") or ready >= 2:
             return seen
         time.sleep(0.15)
     pytest.fail(f"the clip did not finish in {CLIP_TIMEOUT_S} s; the page showed {seen[-5:]}")
@@ -202,14 +199,14 @@ def test_clip_with_token_plays_downloads_and_stays_in_history(
     shot(page, "01-form")
     page.click("#submit")
 
-    seen = follow_job(page)
+    seen = follow_job(page, "auth")
     assert seen[-1][0] == "Done", seen
-    # Live progress: a stage from the engine's logs while it rendered, and the elapsed clock moving.
-    stages = {s[1].lower() for s in seen if s[0] == "Rendering"}
+    # Live progress: the engine's stages from the logs, and the elapsed clock moving.
+    stages = {stage.lower() for state, _, stage, *_ in seen if state == "Rendering"}
     assert stages & {"loading inputs", "loading model", "denoising", "decoding", "encoding video"}, seen
-    assert len({s[3] for s in seen}) > 1, f"the elapsed time never moved: {seen}"
-    for _, _, steps, _ in seen:
-        assert steps == "" or steps.startswith("step "), seen
+    assert len({elapsed for *_, elapsed in seen}) > 1, f"the elapsed time never moved: {seen}"
+    for _, _, stage, steps, _ in seen:
+        assert steps == "" or (stage == "Denoising" and steps.startswith("step ")), seen
 
     playing = wait_until_playing(page)
     assert playing["src"].startswith("blob:"), "with auth on, the clip is fetched with the token"
@@ -242,14 +239,22 @@ def test_clip_with_token_plays_downloads_and_stays_in_history(
     expect(history).to_have_count(2)
     expect(page.locator("#prompt")).to_have_value(PROMPT)
     expect(page.locator("#seed")).to_have_value("7")
-    expect(history.first).to_contain_text(PROMPT)
-    # The re-run is cancelled at once, from the page.
+    # A second re-run waits behind the first: the page shows its place in the queue.
+    history.nth(1).locator("[data-action=rerun]").click()
+    expect(history).to_have_count(3)
+    expect(page.locator("#job-queue")).to_have_text("· 1 clip ahead of yours")
+    api = httpx.Client(base_url=auth_server, headers={"Authorization": f"Bearer {TOKEN}"})
+    runs = api.get("/v1/predictions").json()["results"]
+    assert [run["input"] for run in runs[:3]] == [runs[2]["input"]] * 3  # re-runs send the same input
+    assert runs[2]["input"]["seed"] == 7 and runs[2]["input"]["prompt"] == PROMPT
+    # Cancel the newest from the page, the other through the API: the history follows both.
     page.click("#job-cancel")
     expect(page.locator("#job-state")).to_have_text("Canceled", timeout=60_000)
-    expect(history.first.locator(".history-status")).to_have_text("Canceled")
-    expect(history.nth(1).locator(".history-status")).to_have_text("Done")
+    api.post(f"/v1/predictions/{runs[1]['id']}/cancel")
+    for index, status in enumerate(["Canceled", "Canceled", "Done"]):
+        expect(history.nth(index).locator(".history-status")).to_have_text(status, timeout=30_000)
     # The older clip still plays from the history.
-    history.nth(1).locator("[data-action=play]").click()
+    history.nth(2).locator("[data-action=play]").click()
     assert wait_until_playing(page)["duration"] == pytest.approx(5.04, abs=0.1)
     shot(page, "04-history")
 
@@ -288,8 +293,8 @@ def test_clip_without_auth(page: Any, open_server: str, image_file) -> None:
     page.set_input_files("#start_image", str(image_file(480, 640)))
     page.fill("#prompt", PROMPT)
     page.click("#submit")
-    seen = follow_job(page)
-    assert seen[-1][0] != "Failed", seen
+    seen = follow_job(page, "no-auth")
+    assert seen[-1][0] == "Done", seen
     playing = wait_until_playing(page)
     # Without auth the player streams the output URL itself (Range requests).
     assert playing["src"].startswith(open_server)

@@ -403,8 +403,9 @@
     $("job-state").textContent = STATE_LABEL[pred.status] || pred.status;
     $("job-queue").textContent = pred.status === "starting" ? current.queueText : "";
     $("job-stage").textContent = stage ? `${stage[0].toUpperCase()}${stage.slice(1)}` : "";
-    $("job-steps").textContent = total ? `step ${step} of ${total}` : "";
+    $("job-steps").textContent = total && !TERMINAL.has(pred.status) ? `step ${step} of ${total}` : "";
     const bar = $("job-progress");
+    bar.hidden = pred.status === "failed" || pred.status === "canceled";
     if (pred.status === "succeeded") {
       bar.max = 1;
       bar.value = 1;
