@@ -7,6 +7,7 @@ errors beside their fields. Screenshots go to test-artifacts/web/.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -153,6 +154,21 @@ def follow_job(page: Any, name: str) -> list[tuple[str, ...]]:
     pytest.fail(f"the clip did not finish in {CLIP_TIMEOUT_S} s; the page showed {seen[-5:]}")
 
 
+def drop_file(page: Any, target: str, path: Path) -> None:
+    """Drag a file from the desktop onto `target`: a drop event carrying it, as the browser sends one."""
+    page.evaluate(
+        """([target, name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, {type: 'image/png'}));
+            const zone = document.querySelector(target);
+            const init = {dataTransfer: data, bubbles: true, cancelable: true};
+            for (const type of ['dragover', 'drop']) zone.dispatchEvent(new DragEvent(type, init));
+        }""",
+        [target, path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
+
+
 def wait_until_playing(page: Any) -> dict[str, Any]:
     page.wait_for_function(
         "() => { const v = document.querySelector('#result-video'); return !v.paused && v.currentTime > 0; }",
@@ -276,8 +292,9 @@ def test_api_errors_show_beside_their_fields(page: Any, auth_server: str, image_
     expect(page.locator("#prompt")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#start_image-error")).to_be_empty()
 
-    # An image under 300 px: the server names start_image (at once or when the prediction fails).
-    page.set_input_files("#start_image", str(image_file(200, 150)))
+    # An image under 300 px, dropped on the drop zone: the server names start_image.
+    drop_file(page, "#start_image-drop", image_file(200, 150))
+    expect(page.locator("#start_image-info")).to_contain_text("200 × 150 px")
     page.fill("#prompt", PROMPT)
     page.click("#submit")
     expect(page.locator("#prompt-error")).to_be_empty()
@@ -301,3 +318,16 @@ def test_clip_without_auth(page: Any, open_server: str, image_file) -> None:
     assert playing["height"] > playing["width"]  # the clip keeps the portrait image's shape
     expect(page.locator("#history > li")).to_have_count(1)
     shot(page, "06-no-auth")
+
+
+def test_page_and_assets_are_open_while_the_api_needs_the_token(auth_server: str) -> None:
+    with httpx.Client(base_url=auth_server) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert 'src="web/app.js"' in page.text  # relative: the page also works under a proxy's path prefix
+        assert client.get("/web/app.js").headers["content-type"].startswith("text/javascript")
+        assert client.get("/web/style.css").headers["content-type"].startswith("text/css")
+        for path in ("/web/index.py", "/web/..%2Fserver%2Fapp.py", "/web/"):
+            assert client.get(path).status_code == 404, path
+        assert client.get("/v1/predictions").status_code == 401
