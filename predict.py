@@ -2,7 +2,8 @@
 
 The inputs mirror `i2v.request.KlingRequest` field for field. Cog reads this signature without running it
 (its static parser takes literal values only), so names, defaults, choices, bounds and descriptions are
-written out here; tests/test_cog_predictor.py checks through Cog's own inspector that they equal KlingRequest's.
+written out here; tests/test_cog_predictor.py checks through Cog's own inspector that they equal
+KlingRequest's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path as _LocalPath
 
 sys.path.insert(0, str(_LocalPath(__file__).resolve().parent / "src"))  # the i2v package, copied in by Cog
 
-from cog import BasePredictor, Input, Path  # noqa: E402
+from cog import BasePredictor, Input, Path
 
-from i2v.request import KlingRequest  # noqa: E402
+from i2v.request import KlingRequest
 
 
 class Predictor(BasePredictor):
@@ -37,7 +38,8 @@ class Predictor(BasePredictor):
         duration: int = Input(description="Duration of the video in seconds", default=5, choices=[5, 10]),
         prompt: str = Input(description="Text prompt for video generation", max_length=2500),
         end_image: Path | None = Input(
-            description="Last frame of the video (pro mode is required when this parameter is set)", default=None
+            description="Last frame of the video (pro mode is required when this parameter is set)",
+            default=None,
         ),
         start_image: Path = Input(
             description="First frame of the video. You must use a start image with kling-v2.1."

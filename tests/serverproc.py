@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import replicate
-
 from conftest import make_image
 
 TOKEN = "test-token-1"
@@ -41,9 +40,26 @@ class ServerProcess:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.with_name(f"{data_dir.name}-server-{self.port}.log")
-        full_env = {**os.environ, "I2V_API_TOKEN": f"other-token,{TOKEN}", "PYTHONUNBUFFERED": "1", **(env or {})}
-        command = [sys.executable, "-m", "i2v", "serve", "--model", "tiny", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--data-dir", str(data_dir)]
+        full_env = {
+            **os.environ,
+            "I2V_API_TOKEN": f"other-token,{TOKEN}",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "i2v",
+            "serve",
+            "--model",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(data_dir),
+        ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -6,6 +6,7 @@ One server is shared by the module; only the tests that must render do (each tin
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 import replicate
+from conftest import make_image, probe
 from prometheus_client.parser import text_string_to_metric_families
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 from serverproc import MODEL, TOKEN, ServerProcess, WebhookReceiver, data_uri
 
-from conftest import make_image, probe
 from i2v.geometry import output_size
 
 PREDICTIONS = f"/v1/models/{MODEL}/predictions"
@@ -42,7 +43,7 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 
 def check_mp4(data: bytes, tmp_path: Path, source: tuple[int, int]) -> None:
-    """The clip a Kling caller expects: 24 fps, 5 s (121 frames), 720p on the short side, the image's aspect."""
+    """The clip a Kling caller expects: 24 fps, 5 s (121 frames), 720p short side, the image's aspect."""
     path = tmp_path / "output.mp4"
     path.write_bytes(data)
     info = probe(path)
@@ -53,7 +54,11 @@ def check_mp4(data: bytes, tmp_path: Path, source: tuple[int, int]) -> None:
 def test_token_required(server):
     no_token = httpx.get(f"{server.base}/v1/predictions")
     assert no_token.status_code == 401
-    assert no_token.json() == {"title": "Unauthenticated", "detail": "You did not pass an authentication token", "status": 401}
+    assert no_token.json() == {
+        "title": "Unauthenticated",
+        "detail": "You did not pass an authentication token",
+        "status": 401,
+    }
     wrong = httpx.get(f"{server.base}/v1/predictions", headers={"authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["title"] == "Unauthenticated"
     old_style = httpx.get(f"{server.base}/v1/predictions", headers={"authorization": f"Token {TOKEN}"})
@@ -77,7 +82,9 @@ def test_invalid_requests_answer_in_replicates_shapes(server):
         assert "- input.mode: " in body["detail"]
 
         image = "https://example.com/a.png"
-        end_needs_pro = http.post(PREDICTIONS, json={"input": {"prompt": "x", "start_image": image, "end_image": image}})
+        end_needs_pro = http.post(
+            PREDICTIONS, json={"input": {"prompt": "x", "start_image": image, "end_image": image}}
+        )
         (field,) = end_needs_pro.json()["invalid_fields"]
         assert field["field"] == "input.end_image" and "mode 'pro'" in field["description"]
 
@@ -85,8 +92,12 @@ def test_invalid_requests_answer_in_replicates_shapes(server):
         assert local_path.status_code == 422
         assert local_path.json()["invalid_fields"][0]["field"] == "input.start_image"
 
-        unknown_key = http.post(PREDICTIONS, json={"input": {"prompt": "x", "start_image": image}, "priority": 1})
-        assert unknown_key.status_code == 422 and unknown_key.json()["invalid_fields"][0]["field"] == "priority"
+        unknown_key = http.post(
+            PREDICTIONS, json={"input": {"prompt": "x", "start_image": image}, "priority": 1}
+        )
+        assert (
+            unknown_key.status_code == 422 and unknown_key.json()["invalid_fields"][0]["field"] == "priority"
+        )
 
         not_json = http.post(PREDICTIONS, content=b"{nope", headers={"content-type": "application/json"})
         assert not_json.status_code == 400 and not_json.json()["title"] == "Invalid request"
@@ -94,7 +105,9 @@ def test_invalid_requests_answer_in_replicates_shapes(server):
         missing = http.get("/v1/predictions/doesnotexist")
         assert missing.status_code == 404 and missing.json()["title"] == "Not found"
         assert http.post("/v1/models/someone/else/predictions", json={"input": {}}).status_code == 404
-        wrong_version = http.post("/v1/predictions", json={"version": "0" * 64, "input": {"prompt": "x", "start_image": image}})
+        wrong_version = http.post(
+            "/v1/predictions", json={"version": "0" * 64, "input": {"prompt": "x", "start_image": image}}
+        )
         assert wrong_version.status_code == 422
         assert http.get("/v1/predictions").json()["results"] == []  # nothing invalid was queued
 
@@ -121,10 +134,20 @@ def test_files_api(server, tmp_path):
     path = tmp_path / "frame.png"
     path.write_bytes(make_image(640, 360))
     created = client.files.create(path, metadata={"purpose": "test"})
-    assert created.name == "frame.png" and created.content_type == "image/png" and created.size == path.stat().st_size
+    assert (
+        created.name == "frame.png"
+        and created.content_type == "image/png"
+        and created.size == path.stat().st_size
+    )
     assert created.checksums["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert created.metadata == {"purpose": "test"} and created.expires_at is None  # retention is off by default
-    assert client.files.get(created.id).urls["get"] == created.urls["get"] == f"{server.base}/v1/files/{created.id}"
+    assert (
+        created.metadata == {"purpose": "test"} and created.expires_at is None
+    )  # retention is off by default
+    assert (
+        client.files.get(created.id).urls["get"]
+        == created.urls["get"]
+        == f"{server.base}/v1/files/{created.id}"
+    )
     assert created.id in [f.id for f in client.files.list()]
     with server.http() as http:
         download = http.get(f"/v1/files/{created.id}/download")
@@ -145,7 +168,9 @@ def test_run_with_a_file_object(server, tmp_path):
     path.write_bytes(make_image(640, 360, seed=1))
     with path.open("rb") as image:
         output = client.run(MODEL, input={"prompt": "a calm sea at dawn", "start_image": image, "seed": 3})
-    assert isinstance(output, str) and output.startswith(f"{server.base}/v1/predictions/")  # http: a plain string
+    assert isinstance(output, str) and output.startswith(
+        f"{server.base}/v1/predictions/"
+    )  # http: a plain string
     with server.http() as http:
         video = http.get(output)
         assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
@@ -160,7 +185,10 @@ def test_run_with_a_file_object(server, tmp_path):
     prediction = client.predictions.list().results[0]
     assert prediction.status == "succeeded" and prediction.output == output
     assert prediction.input["start_image"].startswith(f"{server.base}/v1/files/")
-    assert prediction.metrics["predict_time"] > 0 and prediction.metrics["total_time"] >= prediction.metrics["predict_time"]
+    assert (
+        prediction.metrics["predict_time"] > 0
+        and prediction.metrics["total_time"] >= prediction.metrics["predict_time"]
+    )
     assert "seed: 3" in prediction.logs and prediction.progress.current == prediction.progress.total
 
 
@@ -168,7 +196,9 @@ def test_run_with_a_url_outlasting_the_wait_window(server, http_dir, tmp_path):
     """With Prefer: wait=1 the answer comes before the clip; the client must be told `starting` and poll."""
     root, base = http_dir
     (root / "start.jpg").write_bytes(make_image(720, 480, "JPEG", seed=2))
-    output = server.client().run(MODEL, input={"prompt": "a slow pan", "start_image": f"{base}/start.jpg"}, wait=1)
+    output = server.client().run(
+        MODEL, input={"prompt": "a slow pan", "start_image": f"{base}/start.jpg"}, wait=1
+    )
     assert output is not None, "the client took a non-final answer as final"
     with server.http() as http:
         check_mp4(http.get(output).content, tmp_path, (720, 480))
@@ -187,7 +217,10 @@ def test_run_with_a_data_uri_and_signed_webhooks(server, receiver, tmp_path):
         check_mp4(http.get(output).content, tmp_path, (480, 640))
 
     deadline = time.monotonic() + 30
-    while not (receiver.calls and receiver.bodies()[-1]["status"] == "succeeded") and time.monotonic() < deadline:
+    while (
+        not (receiver.calls and receiver.bodies()[-1]["status"] == "succeeded")
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     secret = client.webhooks.default.secret()
     assert secret.key.startswith("whsec_")
@@ -201,7 +234,7 @@ def test_run_with_a_data_uri_and_signed_webhooks(server, receiver, tmp_path):
     assert all("denoising" in b["logs"] or "loading" in b["logs"] for b in progress)
     # at most one progress webhook per 500 ms (arrival times on loopback, with a little slack for scheduling)
     times = [t for t, _, _ in receiver.calls[:-1]]
-    assert all(later - earlier > 0.4 for earlier, later in zip(times, times[1:], strict=False))
+    assert all(later - earlier > 0.4 for earlier, later in itertools.pairwise(times))
     log_lines = bodies[-1]["logs"].count("\n")
     assert len(progress) < log_lines  # bursts of lines were folded into one webhook
     assert len({h["webhook-id"] for _, h, _ in receiver.calls}) == len(receiver.calls)
@@ -222,7 +255,9 @@ def test_bad_image_fails_the_prediction_and_its_webhook_is_retried(server):
         assert prediction.error == "start_image: image is 200x200; each side must be at least 300 px"
         hook.wait_for(2, timeout=20)
         (first_at, first, first_body), (second_at, second, second_body) = hook.calls[:2]
-        assert first["webhook-id"] == second["webhook-id"] and first_body == second_body  # the same message again
+        assert (
+            first["webhook-id"] == second["webhook-id"] and first_body == second_body
+        )  # the same message again
         assert second_at - first_at >= 0.9  # after a backoff
         secret = server.client().webhooks.default.secret()
         replicate.webhooks.validate(headers=second, body=second_body, secret=secret)
@@ -259,8 +294,12 @@ def test_cancel_queued_and_running_predictions(server):
 
 def test_list_pages_newest_first(server):
     with server.http() as http:
-        ids = [http.post(PREDICTIONS, json={"input": {"prompt": f"#{i}", "start_image": data_uri(300, 200)}}).json()["id"]
-               for i in range(101)]
+        ids = [
+            http.post(
+                PREDICTIONS, json={"input": {"prompt": f"#{i}", "start_image": data_uri(300, 200)}}
+            ).json()["id"]
+            for i in range(101)
+        ]
     client = server.client()
     first = client.predictions.list()
     assert len(first.results) == 100 and first.previous is None and first.next
@@ -275,8 +314,11 @@ def test_list_pages_newest_first(server):
 
 def test_metrics_and_health(server):
     text = httpx.get(f"{server.base}/metrics").text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert samples[("i2v_predictions", (("status", "succeeded"),))] == 3
     assert samples[("i2v_predictions", (("status", "canceled"),))] == 2
     assert samples[("i2v_predict_time_seconds_count", ())] >= 3

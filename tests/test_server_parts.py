@@ -26,17 +26,22 @@ def test_http_layer_never_imports_torch(tmp_path):
         "from i2v.server.config import ServerConfig\n"
         f"app = create_app(ServerConfig(data_dir=Path({str(tmp_path)!r}), tokens=('t',)))\n"
         "import i2v.cli, i2v.server.main\n"
-        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'i2v.engine') if m in sys.modules)\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'i2v.engine') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True
+    )
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
 def test_serve_refuses_to_start_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "I2V_API_TOKEN"}
     out = subprocess.run(
-        [sys.executable, "-m", "i2v", "serve", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "i2v", "serve", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=60,
     )
     assert out.returncode == 2
@@ -78,17 +83,35 @@ def test_cog_schema_is_generated_from_the_request_model():
     assert components["mode"]["enum"] == ["standard", "pro"] and components["duration"]["enum"] == [5, 10]
     assert inputs["properties"]["start_image"]["format"] == "uri"
     assert inputs["properties"]["end_image"] == {
-        "type": "string", "format": "uri", "title": "End Image", "x-order": 3, "description": fields["end_image"].description,
+        "type": "string",
+        "format": "uri",
+        "title": "End Image",
+        "x-order": 3,
+        "description": fields["end_image"].description,
     }
-    assert inputs["properties"]["seed"]["maximum"] == 2**63 - 1 and inputs["properties"]["seed"]["minimum"] == 0
+    assert (
+        inputs["properties"]["seed"]["maximum"] == 2**63 - 1 and inputs["properties"]["seed"]["minimum"] == 0
+    )
     assert components["Output"] == {"type": "string", "title": "Output", "format": "uri"}
-    assert len(cog_schema.version_id("tiny")) == 64 and cog_schema.version_id("tiny") != cog_schema.version_id(None)
+    assert len(cog_schema.version_id("tiny")) == 64 and cog_schema.version_id(
+        "tiny"
+    ) != cog_schema.version_id(None)
 
 
 def _prediction(prediction_id: str, status: str, attempts: int) -> PredictionRow:
     return PredictionRow(
-        id=prediction_id, model="i2v/default", version="v", input={}, status=status, logs="", created_at=utcnow(),
-        base_url="http://x", attempts=attempts, webhook_events_filter=[], data_removed=False, cancel_requested=False,
+        id=prediction_id,
+        model="i2v/default",
+        version="v",
+        input={},
+        status=status,
+        logs="",
+        created_at=utcnow(),
+        base_url="http://x",
+        attempts=attempts,
+        webhook_events_filter=[],
+        data_removed=False,
+        cancel_requested=False,
     )
 
 
@@ -129,9 +152,12 @@ def test_webhook_signature_passes_the_official_validator():
     secret = new_secret()
     assert secret.count("_") == 1 and len(base64.b64decode(secret.split("_")[1])) == 32
     body = '{"id":"abc","status":"succeeded"}'
-    headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000", "webhook-signature": sign(secret, "msg_1", 1700000000, body)}
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": "1700000000",
+        "webhook-signature": sign(secret, "msg_1", 1700000000, body),
+    }
     key = replicate.webhook.WebhookSigningSecret(key=secret)
     assert replicate.webhooks.validate(headers=headers, body=body, secret=key) is None
     with pytest.raises(replicate.webhook.InvalidSignatureError):
         replicate.webhooks.validate(headers=headers, body=body.replace("succeeded", "failed"), secret=key)
-

@@ -1,4 +1,4 @@
-"""Durability: a server killed with predictions running and queued loses none of them; retention expires data."""
+"""Durability: a killed server loses none of its running or queued predictions; retention expires data."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import time
 from pathlib import Path
 
 import httpx
-from serverproc import MODEL, ServerProcess, data_uri
-
 from conftest import make_image, probe
+from serverproc import MODEL, ServerProcess, data_uri
 
 PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 
 
-def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(tmp_path: Path, _cache_dir: Path) -> None:
+def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(
+    tmp_path: Path, _cache_dir: Path
+) -> None:
     data_dir = tmp_path / "data"
     first = ServerProcess(data_dir)
     try:
@@ -41,7 +42,9 @@ def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(tmp_path
             assert probe(tmp_path / "out.mp4")["frames"] == 121
 
             # retention (10 s here): outputs, inputs and uploads go; the record stays, marked data_removed
-            upload = http.post("/v1/files", files={"content": ("a.png", make_image(400, 400), "image/png")}).json()
+            upload = http.post(
+                "/v1/files", files={"content": ("a.png", make_image(400, 400), "image/png")}
+            ).json()
             assert upload["expires_at"] is not None
             deadline = time.monotonic() + 60
             while not (expired := http.get(f"/v1/predictions/{queued}").json())["data_removed"]:
