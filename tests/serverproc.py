@@ -35,7 +35,7 @@ def data_uri(width: int, height: int, seed: int = 0) -> str:
 class ServerProcess:
     """`python -m i2v serve --model tiny` on a free loopback port, logging to a file next to its data dir."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, model: str = "tiny") -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -52,7 +52,7 @@ class ServerProcess:
             "i2v",
             "serve",
             "--model",
-            "tiny",
+            model,
             "--host",
             "127.0.0.1",
             "--port",
@@ -66,14 +66,15 @@ class ServerProcess:
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def wait_ready(self, timeout: float = 300) -> None:
+    def wait_ready(self, timeout: float = 300, states: tuple[str, ...] = ("READY", "BUSY")) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.base}/health-check", timeout=2).json()["status"] in ("READY", "BUSY"):
-                    return
+                health = httpx.get(f"{self.base}/health-check", timeout=2).json()
+                if health["status"] in states:
+                    return health
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)

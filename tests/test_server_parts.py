@@ -161,3 +161,37 @@ def test_webhook_signature_passes_the_official_validator():
     assert replicate.webhooks.validate(headers=headers, body=body, secret=key) is None
     with pytest.raises(replicate.webhook.InvalidSignatureError):
         replicate.webhooks.validate(headers=headers, body=body.replace("succeeded", "failed"), secret=key)
+
+
+def test_public_url_shapes_every_url_and_own_files_resolve_behind_it(tmp_path):
+    """Behind a reverse proxy (https, a path prefix) URLs use the public origin; our file URLs still resolve.
+
+    The app runs in-process without its lifespan: requests are answered, nothing is dispatched to a worker.
+    """
+    from fastapi.testclient import TestClient
+
+    from i2v.server.app import create_app
+
+    public = "https://video.example.com/i2v"
+    config = ServerConfig(data_dir=tmp_path, tokens=("t",), public_url=public)
+    app = create_app(config)
+    client = TestClient(
+        app, base_url="http://10.0.0.5:8000", headers={"authorization": "Bearer t"}
+    )  # no lifespan
+    upload = client.post("/v1/files", files={"content": ("a.png", b"\x89PNG", "image/png")}).json()
+    assert upload["urls"]["get"] == f"{public}/v1/files/{upload['id']}"
+    created = client.post(
+        "/v1/models/kwaivgi/kling-v2.1/predictions",
+        json={"input": {"prompt": "x", "start_image": upload["urls"]["get"]}},
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["urls"]["get"].startswith(f"{public}/v1/predictions/")
+    service = app.state.service
+    assert service.own_file_id(upload["urls"]["get"], ()) == upload["id"]
+    assert service.own_file_id("https://elsewhere.example.com/v1/files/" + upload["id"], ()) is None
+    page = client.get("/v1/predictions").json()
+    assert page["results"][0]["id"] == created.json()["id"]
+    assert (
+        replicate.helpers.transform_output(created.json()["urls"]["get"], None).__class__.__name__
+        == "FileOutput"
+    )

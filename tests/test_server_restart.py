@@ -61,3 +61,19 @@ def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(
         assert httpx.get(f"{second.base}/health-check").json()["status"] == "READY"
     finally:
         second.stop()
+
+
+def test_a_model_that_cannot_load_is_reported_not_hung(tmp_path: Path, _cache_dir: Path) -> None:
+    server = ServerProcess(tmp_path / "data", model="no-such-model")
+    try:
+        health = server.wait_ready(timeout=120, states=("SETUP_FAILED",))
+        assert "unknown model 'no-such-model'" in health["setup"]["logs"]
+        with server.http() as http:
+            answer = http.post(
+                PREDICTIONS,
+                json={"input": {"prompt": "x", "start_image": data_uri(640, 360)}},
+                headers={"prefer": "wait=30"},
+            ).json()
+        assert answer["status"] == "failed" and "unknown model 'no-such-model'" in answer["error"]
+    finally:
+        server.stop()
