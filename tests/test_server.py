@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -324,3 +326,28 @@ def test_metrics_and_health(server):
     assert samples[("i2v_predict_time_seconds_count", ())] >= 3
     assert ("i2v_queue_depth", ()) in samples
     assert httpx.get(f"{server.base}/health-check").json()["status"] in ("READY", "BUSY")
+
+
+def _worker_pid(server_pid: int) -> int:
+    """The model worker among the server's children (the other one is multiprocessing's resource tracker)."""
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise LookupError("no worker process")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc")
+def test_a_crashed_worker_fails_its_prediction_and_is_replaced(server):
+    with server.http() as http:
+        body = {"input": {"prompt": "x", "start_image": data_uri(640, 360, seed=6)}}
+        running = http.post(PREDICTIONS, json=body).json()["id"]
+        server.wait_for(running, {"processing"}, timeout=60)
+        os.kill(_worker_pid(server.process.pid), signal.SIGKILL)  # as the kernel's OOM killer would
+        lost = server.wait_for(running, {"failed"}, timeout=30)
+        assert "worker process died" in lost["error"]
+        server.wait_ready(timeout=180)
+        bad = {"input": {"prompt": "x", "start_image": data_uri(200, 200)}}
+        after = http.post(PREDICTIONS, json=bad, headers={"prefer": "wait=60"}).json()
+        assert after["status"] == "failed"  # a new worker ran it: only the worker looks at the image
+        assert after["error"].startswith("start_image: ")
