@@ -63,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo.mp4"))
     demo.add_argument("--model", help="force a model instead of choosing by hardware")
 
-    serve = commands.add_parser("serve", help="run the Replicate-compatible HTTP API (tokens from I2V_API_TOKEN)")
+    serve = commands.add_parser("serve", help="run the Replicate-compatible HTTP API (tokens: I2V_API_TOKEN)")
     serve.add_argument("--host", help="interface to bind (default 0.0.0.0; 127.0.0.1 with --no-auth)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--model", help="'tiny', a backend name, or NAME=FOLDER_OR_HUB_ID (see `i2v models`)")
-    serve.add_argument("--data-dir", type=Path, help="predictions, files and outputs (default ~/.local/share/i2v)")
+    serve.add_argument("--data-dir", type=Path, help="predictions, files, outputs (default ~/.local/share/i2v)")
     serve.add_argument("--no-auth", action="store_true", help="serve without tokens (binds loopback only)")
     return parser
 
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .server.main import serve  # the web stack loads only for this command
 
-            return serve(host=args.host, port=args.port, model=args.model, data_dir=args.data_dir, no_auth=args.no_auth)
+            return serve(
+                host=args.host, port=args.port, model=args.model, data_dir=args.data_dir, no_auth=args.no_auth
+            )
     except ValidationError as exc:
         for field, rule in field_errors(exc):
             print(f"error: {field}: {rule}", file=sys.stderr)

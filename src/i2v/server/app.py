@@ -16,7 +16,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -210,10 +210,10 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     @api.post("/files", status_code=201)
     def upload_file(
         request: Request,
-        content: UploadFile = File(...),
-        metadata: str | None = Form(None),
-        filename: str | None = Form(None),
-        type: str | None = Form(None),
+        content: Annotated[UploadFile, File()],
+        metadata: Annotated[str | None, Form()] = None,
+        filename: Annotated[str | None, Form()] = None,
+        type: Annotated[str | None, Form()] = None,
     ) -> dict[str, Any]:
         try:
             meta = json.loads(metadata) if metadata else {}

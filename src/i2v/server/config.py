@@ -53,7 +53,7 @@ class ServerConfig:
     - tokens: accepted API tokens (`I2V_API_TOKEN`, comma-separated). Empty only with `no_auth`.
     - public_url: the origin clients reach us at (`I2V_PUBLIC_URL`, e.g. https://video.example.com behind a
       reverse proxy); output and file URLs are built from it. Unset: taken from each request's Host.
-    - retention: seconds after which outputs and inputs are deleted (`I2V_RETENTION`, e.g. 1h); None keeps them.
+    - retention: seconds after which outputs and inputs are deleted (`I2V_RETENTION`, e.g. 1h); None: kept.
     - retry_on_restart: a prediction interrupted by a restart runs once more instead of failing
       (`I2V_RETRY_ON_RESTART=1`).
     - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); None lets the engine choose.
@@ -91,7 +91,8 @@ class ServerConfig:
         public_url = os.environ.get("I2V_PUBLIC_URL", "").strip().rstrip("/") or None
         if public_url and not re.match(r"^https?://[^/]+", public_url):
             raise ConfigError(
-                f"I2V_PUBLIC_URL: expected an http(s) origin like https://video.example.com, got {public_url!r}"
+                "I2V_PUBLIC_URL: expected an http(s) origin like https://video.example.com, "
+                f"got {public_url!r}"
             )
         devices_env = [d.strip() for d in os.environ.get("I2V_DEVICES", "").split(",") if d.strip()]
         return cls(

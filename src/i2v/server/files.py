@@ -1,4 +1,4 @@
-"""The Files API's storage: uploads streamed to disk with their checksums, and resolved back for predictions."""
+"""The Files API's storage: uploads streamed to disk with their checksums, resolved back for predictions."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ torch: the model runs behind `Runner`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -125,7 +126,8 @@ class Service:
         raise APIError(
             422,
             "Invalid version or not permitted",
-            f"version {version!r} does not exist here; use {current} or one of {', '.join(self.config.model_names)}",
+            f"version {version!r} does not exist here; use {current} or one of "
+            + ", ".join(self.config.model_names),
         )
 
     def create(self, model: str, version: str, body: CreatePrediction, base: str) -> PredictionRow:
@@ -223,10 +225,8 @@ class Service:
         try:
             row = await asyncio.to_thread(self.get, prediction_id)
             if row.status not in TERMINAL:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), timeout)
-                except TimeoutError:
-                    pass
                 row = await asyncio.to_thread(self.get, prediction_id)
             return row
         finally:

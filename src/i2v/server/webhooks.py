@@ -1,4 +1,4 @@
-"""Webhooks as Replicate sends them: signed (webhook-id/-timestamp/-signature), throttled, terminal ones retried.
+"""Webhooks as Replicate sends them: signed (webhook-id, -timestamp, -signature), throttled, retried.
 
 The signature is HMAC-SHA256 over "{id}.{timestamp}.{body}" keyed with the base64 part of a `whsec_` secret,
 so `replicate.webhooks.validate` accepts our deliveries. Non-terminal events (start, output, logs) go out at
@@ -99,7 +99,7 @@ class WebhookSender:
         self._push(0.0, "deliver", self._record(prediction_id, url, event, body, terminal))
 
     def send_progress(self, prediction_id: str, url: str, event: str, body: BodyFactory) -> None:
-        """At most one progress webhook per MIN_INTERVAL; a throttled one is sent later with the latest state."""
+        """At most one progress webhook per MIN_INTERVAL; a throttled one goes later with the latest state."""
         with self._wake:
             if prediction_id in self._flush_pending:
                 return

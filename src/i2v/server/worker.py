@@ -7,6 +7,7 @@ If the server dies, the pipe closes and the worker exits at once, so no orphan k
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -38,7 +39,7 @@ BAR_WIDTH = 20
 
 
 def progress_line(stage: str, step: int | None, total: int | None) -> str:
-    """A log line per progress report; steps look like tqdm so Replicate clients parse `prediction.progress`."""
+    """A log line per progress report; steps look like tqdm, so clients can parse `prediction.progress`."""
     if not total:
         return stage
     done = step or 0
@@ -132,10 +133,8 @@ class WorkerProcess:
 
     def stop(self) -> None:
         self._stopping = True
-        try:
+        with contextlib.suppress(OSError):
             self.send(("stop",))
-        except OSError:
-            pass
         self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()
@@ -154,7 +153,7 @@ class LocalRunner:
         self._workers = [WorkerProcess(i, self.model, d, on_event) for i, d in enumerate(self.devices)]
 
     def _accepting(self) -> list[WorkerProcess]:
-        # A worker whose setup failed still takes jobs: each then fails with the reason, instead of waiting forever.
+        # A worker whose setup failed still takes jobs: each fails with the reason instead of waiting forever.
         return [w for w in self._workers if w.state in ("READY", "SETUP_FAILED") and w.current is None]
 
     def state(self) -> RunnerState:

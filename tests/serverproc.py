@@ -1,0 +1,144 @@
+"""A real `i2v serve` in a subprocess on loopback, and a local webhook receiver, for the server tests."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import replicate
+from conftest import make_image
+
+TOKEN = "test-token-1"
+MODEL = "kwaivgi/kling-v2.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def data_uri(width: int, height: int, seed: int = 0) -> str:
+    return "data:image/png;base64," + base64.b64encode(make_image(width, height, seed=seed)).decode()
+
+
+class ServerProcess:
+    """`python -m i2v serve --model tiny` on a free loopback port, logging to a file next to its data dir."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, model: str = "tiny") -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir.with_name(f"{data_dir.name}-server-{self.port}.log")
+        full_env = {
+            **os.environ,
+            "I2V_API_TOKEN": f"other-token,{TOKEN}",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "i2v",
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(data_dir),
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 300, states: tuple[str, ...] = ("READY", "BUSY")) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                health = httpx.get(f"{self.base}/health-check", timeout=2).json()
+                if health["status"] in states:
+                    return health
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def client(self) -> replicate.Client:
+        return replicate.Client(api_token=TOKEN, base_url=self.base)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {TOKEN}"}, timeout=90)
+
+    def wait_for(self, prediction_id: str, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.http() as http:
+            while time.monotonic() < deadline:
+                body = http.get(f"/v1/predictions/{prediction_id}").json()
+                if body["status"] in statuses:
+                    return body
+                time.sleep(0.3)
+        raise TimeoutError(f"{prediction_id} still {body['status']} after {timeout} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class WebhookReceiver:
+    """Records each POST (arrival time, headers, body); answers with `statuses` in turn, then 200."""
+
+    def __init__(self, statuses: tuple[int, ...] = ()) -> None:
+        self.calls: list[tuple[float, dict[str, str], str]] = []
+        replies = list(statuses)
+        calls = self.calls
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                calls.append((time.monotonic(), {k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(replies.pop(0) if replies else 200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, _, body in self.calls]
+
+    def wait_for(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.calls) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(self.calls) >= count, f"{len(self.calls)} webhook(s) arrived, expected {count}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

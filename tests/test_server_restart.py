@@ -1,0 +1,79 @@
+"""Durability: a killed server loses none of its running or queued predictions; retention expires data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+from conftest import make_image, probe
+from serverproc import MODEL, ServerProcess, data_uri
+
+PREDICTIONS = f"/v1/models/{MODEL}/predictions"
+
+
+def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(
+    tmp_path: Path, _cache_dir: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = ServerProcess(data_dir)
+    try:
+        first.wait_ready()
+        body = {"input": {"prompt": "x", "start_image": data_uri(640, 360, seed=7)}}
+        with first.http() as http:
+            interrupted = http.post(PREDICTIONS, json=body).json()["id"]
+            queued = http.post(PREDICTIONS, json=body).json()["id"]
+        first.wait_for(interrupted, {"processing"}, timeout=60)
+        assert first.wait_for(queued, {"starting"}, timeout=5)
+    finally:
+        first.kill()  # no goodbye: as if the machine lost power
+
+    second = ServerProcess(data_dir, env={"I2V_RETENTION": "10s"})
+    try:
+        second.wait_ready()
+        lost = second.wait_for(interrupted, {"failed"}, timeout=10)
+        assert "server stopped while this prediction was running" in lost["error"]
+        done = second.wait_for(queued, {"succeeded", "failed", "canceled"}, timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        with second.http() as http:
+            video = http.get(done["output"])
+            assert video.status_code == 200
+            (tmp_path / "out.mp4").write_bytes(video.content)
+            assert probe(tmp_path / "out.mp4")["frames"] == 121
+
+            # retention (10 s here): outputs, inputs and uploads go; the record stays, marked data_removed
+            upload = http.post(
+                "/v1/files", files={"content": ("a.png", make_image(400, 400), "image/png")}
+            ).json()
+            assert upload["expires_at"] is not None
+            deadline = time.monotonic() + 60
+            while not (expired := http.get(f"/v1/predictions/{queued}").json())["data_removed"]:
+                assert time.monotonic() < deadline, second.log_tail()
+                time.sleep(0.5)
+            assert expired["output"] is None and expired["input"]["start_image"] is None
+            assert expired["status"] == "succeeded"
+            assert http.get(done["output"]).status_code == 404
+            deadline = time.monotonic() + 30
+            while http.get(f"/v1/files/{upload['id']}").status_code != 404:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert not any((data_dir / "outputs").iterdir())
+        assert httpx.get(f"{second.base}/health-check").json()["status"] == "READY"
+    finally:
+        second.stop()
+
+
+def test_a_model_that_cannot_load_is_reported_not_hung(tmp_path: Path, _cache_dir: Path) -> None:
+    server = ServerProcess(tmp_path / "data", model="no-such-model")
+    try:
+        health = server.wait_ready(timeout=120, states=("SETUP_FAILED",))
+        assert "unknown model 'no-such-model'" in health["setup"]["logs"]
+        with server.http() as http:
+            answer = http.post(
+                PREDICTIONS,
+                json={"input": {"prompt": "x", "start_image": data_uri(640, 360)}},
+                headers={"prefer": "wait=30"},
+            ).json()
+        assert answer["status"] == "failed" and "unknown model 'no-such-model'" in answer["error"]
+    finally:
+        server.stop()
