@@ -54,10 +54,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(data_dir: Path, token: str | None) -> Iterator[str]:
+def _start_server(data_dir: Path, token: str | None, public_host: str | None = None) -> Iterator[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "I2V_API_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k not in ("I2V_API_TOKEN", "I2V_PUBLIC_URL")}
+    if public_host:
+        env["I2V_PUBLIC_URL"] = f"http://{public_host}:{port}"
     args = [sys.executable, "-m", "i2v", "serve", "--model", "tiny", "--data-dir", str(data_dir)]
     args += ["--host", "127.0.0.1", "--port", str(port)]
     if token:
@@ -93,7 +95,9 @@ def _start_server(data_dir: Path, token: str | None) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _start_server(tmp_path_factory.mktemp("web-auth"), TOKEN)
+    # The server names itself `localhost` while the browser opens 127.0.0.1: like a page opened on the
+    # host itself when output URLs carry a proxy's public URL. The page must still reach its clips.
+    yield from _start_server(tmp_path_factory.mktemp("web-auth"), TOKEN, public_host="localhost")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +152,7 @@ def follow_job(page: Any, name: str) -> list[tuple[str, ...]]:
             seen.append(tuple(shown))
             if shown[0] == "Rendering" and not any(s[0] == "Rendering" for s in seen[:-1]):
                 shot(page, f"{name}-rendering")
-        if shown[0] in ("Failed", "Canceled") or ready >= 2:
+        if shown[0] in ("Done", "Failed", "Canceled") or ready >= 2:
             return seen
         time.sleep(0.15)
     pytest.fail(f"the clip did not finish in {CLIP_TIMEOUT_S} s; the page showed {seen[-5:]}")

@@ -40,6 +40,14 @@
   const authHeaders = () => (token() ? { Authorization: `Bearer ${token()}` } : {});
   // Relative to the page, so the page also works under a reverse proxy's path prefix.
   const apiUrl = (path) => (/^https?:/.test(path) ? path : new URL(path, document.baseURI).href);
+  // The server builds absolute URLs from its public URL; when the page was opened at another origin
+  // (say on the machine itself), reach the same API path through the page's own origin.
+  function localUrl(url) {
+    const target = new URL(url, document.baseURI);
+    const at = target.pathname.indexOf("/v1/");
+    if (target.origin === location.origin || at < 0) return target.href;
+    return new URL(target.pathname.slice(at + 1) + target.search, document.baseURI).href;
+  }
 
   async function api(path, { method = "GET", json, form: body } = {}) {
     const headers = authHeaders();
@@ -402,7 +410,8 @@
     $("job").dataset.status = pred.status;
     $("job-state").textContent = STATE_LABEL[pred.status] || pred.status;
     $("job-queue").textContent = pred.status === "starting" ? current.queueText : "";
-    $("job-stage").textContent = stage ? `${stage[0].toUpperCase()}${stage.slice(1)}` : "";
+    const showStage = stage && pred.status !== "succeeded";
+    $("job-stage").textContent = showStage ? `${stage[0].toUpperCase()}${stage.slice(1)}` : "";
     $("job-steps").textContent = total && !TERMINAL.has(pred.status) ? `step ${step} of ${total}` : "";
     const bar = $("job-progress");
     bar.hidden = pred.status === "failed" || pred.status === "canceled";
@@ -435,7 +444,7 @@
         if (p.status === "processing") ahead += 1;
         else if (p.status === "starting" && Date.parse(p.created_at) < created) ahead += 1;
       }
-      url = list.next;
+      url = list.next && localUrl(list.next);
     }
     return ahead;
   }
@@ -514,12 +523,12 @@
       meta.textContent = pred.data_removed ? "The server has removed this clip (expired)." : "No output.";
       return;
     }
-    let src = pred.output;
+    let src = localUrl(pred.output);
     if (token()) {
       // The output sits behind the same auth; a <video> cannot send the header, so fetch it first.
       meta.textContent = "Loading the clip…";
       try {
-        const res = await fetch(apiUrl(pred.output), { headers: authHeaders() });
+        const res = await fetch(src, { headers: authHeaders() });
         if (!res.ok) throw new Error(`HTTP ${res.status}`);
         src = URL.createObjectURL(await res.blob());
       } catch (err) {
