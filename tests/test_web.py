@@ -275,15 +275,23 @@ def test_clip_with_token_plays_downloads_and_stays_in_history(
     expect(history).to_have_count(3)
     expect(page.locator("#job-queue")).to_have_text("· 1 clip ahead of yours")
     api = httpx.Client(base_url=auth_server, headers={"Authorization": f"Bearer {TOKEN}"})
-    runs = api.get("/v1/predictions").json()["results"]
+    ids = page.evaluate("JSON.parse(localStorage.getItem('i2v.history')).map((entry) => entry.id)")
+    runs = [api.get(f"/v1/predictions/{id_}").json() for id_ in ids]  # newest first, as listed
     assert [run["input"] for run in runs[:3]] == [runs[2]["input"]] * 3  # re-runs send the same input
     assert runs[2]["input"]["seed"] == 7 and runs[2]["input"]["prompt"] == PROMPT
-    # Cancel the newest from the page, the other through the API: the history follows both.
+    # Cancel the queued one from the page; stop the running one through the API (it may be past its
+    # last cancel point and finish instead): the history follows the server either way.
     page.click("#job-cancel")
     expect(page.locator("#job-state")).to_have_text("Canceled", timeout=60_000)
-    api.post(f"/v1/predictions/{runs[1]['id']}/cancel")
-    for index, status in enumerate(["Canceled", "Canceled", "Done"]):
-        expect(history.nth(index).locator(".history-status")).to_have_text(status, timeout=30_000)
+    expect(history.first.locator(".history-status")).to_have_text("Canceled")
+    running = api.post(f"/v1/predictions/{runs[1]['id']}/cancel").json()
+    deadline = time.monotonic() + CLIP_TIMEOUT_S
+    while running["status"] not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        running = api.get(f"/v1/predictions/{runs[1]['id']}").json()
+    label = {"succeeded": "Done", "canceled": "Canceled"}[running["status"]]
+    expect(history.nth(1).locator(".history-status")).to_have_text(label, timeout=30_000)
+    expect(history.nth(2).locator(".history-status")).to_have_text("Done")
     # The older clip still plays from the history.
     history.nth(2).locator("[data-action=play]").click()
     assert wait_until_playing(page)["duration"] == pytest.approx(5.04, abs=0.1)
