@@ -198,9 +198,12 @@ def test_run_with_a_url_outlasting_the_wait_window(server, http_dir, tmp_path):
     """With Prefer: wait=1 the answer comes before the clip; the client must be told `starting` and poll."""
     root, base = http_dir
     (root / "start.jpg").write_bytes(make_image(720, 480, "JPEG", seed=2))
-    output = server.client().run(
-        MODEL, input={"prompt": "a slow pan", "start_image": f"{base}/start.jpg"}, wait=1
-    )
+    inputs = {
+        "prompt": "a slow pan",
+        "start_image": f"{base}/start.jpg",
+        "aspect_ratio": "16:9",
+    }  # ignored, as Kling does
+    output = server.client().run(MODEL, input=inputs, wait=1)
     assert output is not None, "the client took a non-final answer as final"
     with server.http() as http:
         check_mp4(http.get(output).content, tmp_path, (720, 480))
