@@ -124,7 +124,9 @@ def decode_image(data: bytes, field: str) -> Image.Image:
             image.load()
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(field, f"image dimensions are too large; at most {MAX_PIXELS} pixels") from None
+    except UnidentifiedImageError:
         raise InputError(field, "not a decodable image (expected JPEG, PNG or WebP)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(field, f"the image is corrupt or truncated ({exc})") from None
