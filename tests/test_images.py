@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import socket
 import struct
 import threading
 import zlib
@@ -18,7 +19,7 @@ from PIL import Image
 from i2v.errors import InputError
 from i2v.images import ImageLoader, decode_image
 
-loader = ImageLoader()
+loader = ImageLoader(allow=("127.0.0.1",))  # the loopback test servers
 
 
 def rule_for(data: bytes, field: str = "start_image") -> str:
@@ -71,6 +72,10 @@ class _Redirects(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             for _ in range(12):
                 self.wfile.write(b"\0" * 2**20)
+        elif self.path == "/elsewhere":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/hop/0")
+            self.end_headers()
         elif self.path == "/ftp":
             self.send_response(302)
             self.send_header("Location", "ftp://127.0.0.1/a.png")
@@ -175,3 +180,72 @@ def test_animated_images_are_refused() -> None:
 def test_limits_are_inclusive() -> None:
     assert decode_image(make_image(300, 300), "start_image").size == (300, 300)
     assert decode_image(make_image(750, 300), "start_image").size == (750, 300)  # exactly 2.5:1
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:9/a.png", "loopback"),
+        ("http://localhost/a.png", "loopback"),
+        ("http://[::1]/a.png", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://10.0.0.5/a.png", "private"),
+        ("http://192.168.1.1/a.png", "private"),
+        ("http://172.16.0.1/a.png", "private"),
+        ("http://[::ffff:169.254.169.254]/", "link-local"),
+        ("http://[fd00::1]/a.png", "private"),
+        ("http://224.0.0.1/a.png", "multicast"),
+        ("http://0.0.0.0/a.png", "unspecified"),
+        ("http://100.64.0.1/a.png", "not a public address"),
+    ],
+)
+def test_private_and_special_addresses_are_refused(url: str, reason: str) -> None:
+    with pytest.raises(InputError) as info:
+        ImageLoader(allow=()).load(url, "end_image")  # nothing is sent: the check runs before connecting
+    assert info.value.field == "end_image"
+    assert "refusing to fetch" in info.value.rule and reason in info.value.rule
+
+
+def test_every_redirect_hop_is_checked(redirect_server: str) -> None:
+    """The first hop is trusted loopback; a redirect to another loopback address is not."""
+    with pytest.raises(InputError, match=r"refusing to fetch from 127\.0\.0\.2"):
+        ImageLoader(allow=("127.0.0.1",)).load(f"{redirect_server}/elsewhere", "start_image")
+
+
+def test_allowlist_by_host_name_or_network(http_dir: tuple[Path, str]) -> None:
+    root, base = http_dir
+    (root / "a.png").write_bytes(make_image(320, 320))
+    port = base.rsplit(":", 1)[1]
+    assert ImageLoader(allow=("localhost",)).load(f"http://localhost:{port}/a.png", "start_image").size == (320, 320)
+    assert ImageLoader(allow=("127.0.0.0/8",)).load(f"{base}/a.png", "start_image").size == (320, 320)
+
+
+class FakeResolver:
+    """Stands in for public DNS (unreachable here): answers a public address, then a private one."""
+
+    def __init__(self) -> None:
+        self.answers = ["93.184.215.14", "127.0.0.1"]
+        self.calls = 0
+
+    def __call__(self, host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        return [(2, 1, 6, "", (answer, port))]
+
+
+def test_the_checked_address_is_the_one_connected_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DNS rebinding: the host is resolved once and the request goes to that checked address."""
+    resolver = FakeResolver()
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    pinned = ImageLoader().pin("https://images.example.com/a.png?x=1", "start_image")
+    assert pinned.url == "https://93.184.215.14:443/a.png?x=1"
+    assert (pinned.host, pinned.host_header) == ("images.example.com", "images.example.com")
+    assert resolver.calls == 1
+
+
+def test_a_host_with_any_private_address_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda host, port, *a, **k: [(2, 1, 6, "", ("93.184.215.14", port)), (2, 1, 6, "", ("10.0.0.1", port))]
+    )
+    with pytest.raises(InputError, match=r"10\.0\.0\.1"):
+        ImageLoader().pin("http://mixed.example.com/", "start_image")
