@@ -16,6 +16,8 @@ from PIL import Image
 
 # Fast x264 settings keep CI inside its budget; the encode path is the same code.
 os.environ.setdefault("I2V_X264_PRESET", "ultrafast")
+# The test servers live on loopback, which the URL fetcher refuses unless an operator trusts it.
+os.environ.setdefault("I2V_FETCH_ALLOW", "127.0.0.1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from importlib import resources
@@ -27,7 +28,10 @@ class ProgressBar:
     def __init__(self) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, bar_format="{desc} {bar} {n}/{total} [{elapsed}]")
+        # leave=False: the bar clears itself, so what stays on screen is the result line or the error.
+        self._bar = tqdm(
+            total=0, file=sys.stderr, dynamic_ncols=True, leave=False, bar_format="{desc} {bar} {n}/{total} [{elapsed}]"
+        )
 
     def __call__(self, progress: Progress) -> None:
         self._bar.set_description_str(f"{progress.stage:<15}", refresh=False)
@@ -75,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
     try:
         if args.command == "generate":
             return _generate(args)
@@ -102,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return EXIT_USAGE
+
+
+def _quiet_libraries() -> None:
+    """Keep the libraries' own chatter (loading bars, optional-dependency notes) off the user's screen."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -86,8 +86,8 @@ class Engine:
     def backend(self, mode: str) -> Backend:
         """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
         cls, spec = resolve(self.model_ref(mode), self.settings.tiny_dir)
-        if mode not in spec.modes:
-            raise InputError("mode", f"model {spec.name} does not serve {mode} mode (it serves: {', '.join(spec.modes)})")
+        if mode not in spec.modes:  # allowed (the output is still mapped to the exact size), but worth a note
+            log.warning("%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode)
         with self._lock:
             key = (spec.name, spec.source)
             if key not in self._backends:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
+import os
+import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
@@ -26,13 +29,35 @@ FORMATS = {"JPEG", "PNG", "WEBP"}
 MAX_REDIRECTS = 3
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _allowlist_from_env() -> tuple[str, ...]:
+    return tuple(entry.strip() for entry in os.environ.get("I2V_FETCH_ALLOW", "").split(",") if entry.strip())
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A URL rewritten to the one address that was checked, with what the server must still see."""
+
+    url: str
+    host: str         # for the Host header and TLS (SNI and certificate checks)
+    host_header: str
+
+
 @dataclass(frozen=True)
 class ImageLoader:
-    """How image references are resolved. The CLI and library allow local paths; the server does not."""
+    """How image references are resolved. The CLI and library allow local paths; the server does not.
+
+    URLs may only reach public addresses: private, loopback, link-local (cloud metadata), multicast and
+    reserved ranges are refused, for the first request and every redirect. `allow` lists trusted hosts or
+    networks an operator opens anyway (env `I2V_FETCH_ALLOW`, comma-separated: `files.lan,10.0.0.0/8`).
+    """
 
     allow_local_paths: bool = True
     timeout: float = 20.0
     max_bytes: int = MAX_BYTES
+    allow: tuple[str, ...] = field(default_factory=_allowlist_from_env)
 
     def load(self, ref: str, field: str) -> Image.Image:
         """Fetch, decode and check one image; returns an RGB image, EXIF orientation applied."""
@@ -72,11 +97,16 @@ class ImageLoader:
 
     def _fetch(self, url: str, field: str) -> bytes:
         # Redirects are followed by hand so that every hop is checked the same way as the first.
-        with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
+        with httpx.Client(timeout=self.timeout, follow_redirects=False, trust_env=False) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                self._check_url(url, field)
+                pinned = self.pin(url, field)
                 try:
-                    with client.stream("GET", url) as response:
+                    # Connect to the address that was checked (no second DNS lookup to rebind), while the
+                    # server still sees its own name in Host and in TLS.
+                    with client.stream(
+                        "GET", pinned.url, headers={"Host": pinned.host_header},
+                        extensions={"sni_hostname": pinned.host},
+                    ) as response:  # fmt: skip
                         if response.is_redirect:
                             url = urljoin(url, response.headers.get("location", ""))
                             continue
@@ -87,12 +117,60 @@ class ImageLoader:
                     raise InputError(field, f"fetching the image failed: {type(exc).__name__}: {exc}") from None
         raise InputError(field, f"too many redirects (at most {MAX_REDIRECTS})")
 
-    def _check_url(self, url: str, field: str) -> None:
+    def pin(self, url: str, field: str) -> Pinned:
+        """Check a URL's scheme and every address its host resolves to; pin it to the first one."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise InputError(field, f"unsupported URL scheme '{parts.scheme}': use http or https")
-        if not parts.hostname:
+        host = parts.hostname
+        if not host:
             raise InputError(field, "URL has no host")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise InputError(field, "URL has an invalid port") from None
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            raise InputError(field, f"could not resolve host '{host}'") from None
+        addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+        for address in addresses:
+            reason = self._refusal(host, address)
+            if reason:
+                raise InputError(field, f"refusing to fetch from {host} ({address}): {reason}")
+        address = addresses[0]
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        netloc = f"{literal}:{port}"
+        host_header = host if parts.port is None else f"{host}:{parts.port}"
+        pinned = parts._replace(netloc=netloc).geturl()
+        return Pinned(url=pinned, host=host, host_header=host_header)
+
+    def _refusal(self, host: str, address: IPAddress) -> str | None:
+        """Why an address may not be fetched from, or None when it may."""
+        for entry in self.allow:
+            if entry.lower() == host.lower():
+                return None
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return None
+            except ValueError:  # a host name entry
+                continue
+        mapped = getattr(address, "ipv4_mapped", None)
+        if mapped is not None:  # ::ffff:10.0.0.1 reaches 10.0.0.1
+            return self._refusal(host, mapped)
+        checks = [
+            (address.is_loopback, "a loopback address"),
+            (address.is_link_local, "a link-local address (cloud metadata lives here)"),
+            (address.is_multicast, "a multicast address"),
+            (address.is_unspecified, "an unspecified address"),
+            (address.is_private, "a private network address"),
+            (address.is_reserved, "a reserved address"),
+            (not address.is_global, "not a public address"),
+        ]
+        for refused, reason in checks:
+            if refused:
+                return f"{reason}; an operator can trust it with I2V_FETCH_ALLOW"
+        return None
 
     def _read_capped(self, response: httpx.Response, field: str) -> bytes:
         declared = response.headers.get("content-length")
@@ -124,7 +202,9 @@ def decode_image(data: bytes, field: str) -> Image.Image:
             image.load()
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(field, f"image dimensions are too large; at most {MAX_PIXELS} pixels") from None
+    except UnidentifiedImageError:
         raise InputError(field, "not a decodable image (expected JPEG, PNG or WebP)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(field, f"the image is corrupt or truncated ({exc})") from None

@@ -38,7 +38,7 @@ class BackendSpec:
     steps: int
     guidance: float
     shift: float | None
-    modes: tuple[str, ...]        # the Kling modes this model may serve
+    modes: tuple[str, ...]        # the Kling modes it is made for (others work, with a logged warning)
 
     def frames_for(self, duration: int) -> int:
         """Frames to generate at the native fps for `duration` seconds, on the model's frame rule."""

@@ -6,11 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 # Enough words for the prompts in the tests and examples; everything else maps to <unk>.
-WORDS = (
-    "a an the of and in on at with to over under through slowly quickly camera pans zooms moves "
-    "cat dog bird person woman man child boat car tree sky sea sun moon city street mountain river "
-    "red blue green yellow white black bright dark night day rain snow wind waves light"
-).split()
+WORDS = ["a", "an", "the", "of", "and", "in", "on", "at", "with", "to", "over", "under", "through", "slowly", "quickly", "camera", "pans", "zooms", "moves", "cat", "dog", "bird", "person", "woman", "man", "child", "boat", "car", "tree", "sky", "sea", "sun", "moon", "city", "street", "mountain", "river", "red", "blue", "green", "yellow", "white", "black", "bright", "dark", "night", "day", "rain", "snow", "wind", "waves", "light"]
 
 
 def word_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

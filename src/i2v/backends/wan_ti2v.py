@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
 from transformers import UMT5Config, UMT5EncoderModel
 
 from ..geometry import Grid
@@ -36,10 +41,10 @@ class WanTI2V(Backend):
     def load(self) -> None:
         dtype = device_dtype(self.device)
         # The VAE stays float32: the 48-channel Wan2.2 VAE shows artefacts in bf16.
-        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", torch_dtype=torch.float32)
+        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", dtype=torch.float32)
         # The hub's model_index.json names WanPipeline (text only); the image pipeline takes the same parts.
         pipe = WanImageToVideoPipeline.from_pretrained(
-            self.spec.source, vae=vae, torch_dtype=dtype, expand_timesteps=True
+            self.spec.source, vae=vae, dtype=dtype, expand_timesteps=True
         )
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=self.spec.shift)
         pipe.set_progress_bar_config(disable=True)

@@ -16,13 +16,14 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -208,33 +209,29 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     # files
 
     @api.post("/files", status_code=201)
-    def upload_file(
-        request: Request,
-        content: Annotated[UploadFile, File()],
-        metadata: Annotated[str | None, Form()] = None,
-        filename: Annotated[str | None, Form()] = None,
-        type: Annotated[str | None, Form()] = None,
-    ) -> dict[str, Any]:
-        try:
-            meta = json.loads(metadata) if metadata else {}
-        except json.JSONDecodeError as exc:
+    async def upload_file(request: Request) -> dict[str, Any]:
+        """Multipart: `content` (the file), optional `metadata` (JSON, as text or as a part: the JS client
+        sends a Blob), `filename` and `type`."""
+        form = await request.form()
+        content = form.get("content")
+        if not isinstance(content, StarletteUpload):
             raise invalid(
-                "Invalid request",
-                [InvalidField(type="format", field="metadata", description=f"not JSON: {exc}")],
-            ) from None
-        if not isinstance(meta, dict):
-            raise invalid(
-                "Invalid request",
-                [InvalidField(type="type", field="metadata", description="must be a JSON object")],
+                "Invalid request", [InvalidField(type="required", field="content", description="no file")]
             )
-        name = filename or content.filename or "file"
+        meta = await _form_json(form.get("metadata"))
+        name = _form_text(form.get("filename")) or content.filename or "file"
         content_type = (
-            type or content.content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+            _form_text(form.get("type"))
+            or content.content_type
+            or mimetypes.guess_type(name)[0]
+            or "application/octet-stream"
         )
         try:
-            row = service.files.save(content.file, name, content_type, meta)
+            row = await asyncio.to_thread(service.files.save, content.file, name, content_type, meta)
         except FileTooLarge as exc:
             raise APIError(413, "Payload too large", str(exc)) from None
+        finally:
+            await form.close()
         return file_body(row, base(request))
 
     @api.get("/files")
@@ -301,6 +298,25 @@ async def _body(request: Request) -> CreatePrediction:
         return CreatePrediction.model_validate(raw)
     except ValidationError as exc:
         raise invalid("Invalid request", invalid_fields(exc)) from None
+
+
+def _form_text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+async def _form_json(value: object) -> dict[str, Any]:
+    text = (await value.read()).decode(errors="replace") if isinstance(value, StarletteUpload) else value
+    if not text:
+        return {}
+    try:
+        meta = json.loads(text)  # type: ignore[arg-type]
+    except json.JSONDecodeError as exc:
+        field = InvalidField(type="format", field="metadata", description=f"not JSON: {exc}")
+        raise invalid("Invalid request", [field]) from None
+    if not isinstance(meta, dict):
+        field = InvalidField(type="type", field="metadata", description="must be a JSON object")
+        raise invalid("Invalid request", [field])
+    return meta
 
 
 def _prefer_wait(header: str | None) -> float | None:

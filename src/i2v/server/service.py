@@ -71,8 +71,8 @@ class Service:
         self.registry.register(_StoreCollector(self))
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Condition()
-        self._stopping = False
+        self._pending = threading.Event()  # set when there may be something to dispatch
+        self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # lifecycle
@@ -100,9 +100,8 @@ class Service:
         self._threads.append(thread)
 
     def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
+        self._stopping.set()
+        self._pending.set()
         self.runner.stop()
         self.webhooks.stop()
         self.store.close()
@@ -238,19 +237,17 @@ class Service:
     # dispatch
 
     def _kick(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
+        self._pending.set()
 
     def _dispatch_loop(self) -> None:
-        while not self._stopping:
+        while not self._stopping.is_set():
+            self._pending.clear()  # before looking, so a kick during the look is not lost
             try:
                 while self.runner.free_slots() > 0 and self._dispatch_one():
                     pass
             except Exception:
                 log.exception("dispatch failed")
-            with self._wake:
-                if not self._stopping:
-                    self._wake.wait(timeout=1.0)
+            self._pending.wait(timeout=1.0)
 
     def _dispatch_one(self) -> bool:
         queued = self.store.next_queued()
@@ -332,6 +329,8 @@ class Service:
         if current is None:
             return
         logs = current.logs + (log_line + "\n" if log_line else "")
+        if "predict_time" not in changes and current.started_at is not None:
+            changes["predict_time"] = (utcnow() - current.started_at).total_seconds()
         row = self.store.transition(
             prediction_id, {QUEUED, RUNNING}, status=status, completed_at=utcnow(), logs=logs, **changes
         )
@@ -351,6 +350,8 @@ class Service:
         for loop, done in waiters:
             loop.call_soon_threadsafe(done.set)
         if row.webhook:
+            # The single output (the mp4) exists only at the end, so `output` and `completed` coincide: one
+            # terminal delivery serves both filters instead of two copies of the same body.
             events = row.webhook_events_filter
             if "completed" in events:
                 self._webhook(row, "completed", terminal=True)
@@ -381,13 +382,12 @@ class Service:
 
     def _retention_loop(self) -> None:
         period = max(1.0, min(60.0, (self.config.retention or 60) / 4))
-        while not self._stopping:
+        while not self._stopping.is_set():
             try:
                 self.expire(utcnow())
             except Exception:
                 log.exception("retention sweep failed")
-            with self._wake:
-                self._wake.wait(timeout=period)
+            self._stopping.wait(timeout=period)
 
     def expire(self, now: datetime) -> None:
         """Delete outputs and inputs older than the retention time (`data_removed: true`, output null)."""

@@ -58,6 +58,7 @@ class WorkerProcess:
         self.error: str | None = None
         self.current: str | None = None
         self._stopping = False
+        self._crashes = 0  # in a row before becoming ready: spaces out restarts of a worker that cannot start
         self._spawn()
 
     def _spawn(self) -> None:
@@ -96,7 +97,7 @@ class WorkerProcess:
     def _translate(self, message: tuple[Any, ...]) -> list[Event]:
         kind = message[0]
         if kind == "ready":
-            self.state = "READY"
+            self.state, self._crashes = "READY", 0
             return [StateChanged("READY")]
         if kind == "setup_failed":
             self.state, self.error = "SETUP_FAILED", message[1]
@@ -120,14 +121,22 @@ class WorkerProcess:
 
     def _died(self) -> None:
         self.process.join(timeout=5)
+        self._conn.close()
         if self._stopping:
             return
         lost, code = self.current, self.process.exitcode
-        log.error("worker %d exited (code %s); starting a new one", self.index, code)
         if lost is not None:
             self._on_event(
                 Failed(lost, f"the worker process died (exit code {code}) while running this prediction")
             )
+        if self.state == "STARTING":
+            self._crashes += 1
+        self.state, self.current = "STARTING", None
+        delay = min(60.0, 2.0**self._crashes - 1)
+        log.error("worker %d exited (code %s); starting a new one in %.0f s", self.index, code, delay)
+        time.sleep(delay)
+        if self._stopping:
+            return
         self._spawn()
         self._on_event(StateChanged("STARTING"))
 

@@ -1,4 +1,4 @@
-"""Durability: a killed server loses none of its running or queued predictions; retention expires data."""
+"""Servers of their own: a restart loses no prediction; retention; a model that cannot load; two workers."""
 
 from __future__ import annotations
 
@@ -75,5 +75,25 @@ def test_a_model_that_cannot_load_is_reported_not_hung(tmp_path: Path, _cache_di
                 headers={"prefer": "wait=30"},
             ).json()
         assert answer["status"] == "failed" and "unknown model 'no-such-model'" in answer["error"]
+    finally:
+        server.stop()
+
+
+def test_one_worker_per_device_runs_predictions_side_by_side(tmp_path: Path, _cache_dir: Path) -> None:
+    server = ServerProcess(tmp_path / "data", env={"I2V_DEVICES": "cpu,cpu"})
+    try:
+        server.wait_ready()
+        body = {"input": {"prompt": "x", "start_image": data_uri(640, 360, seed=8)}}
+        with server.http() as http:
+            ids = [http.post(PREDICTIONS, json=body).json()["id"] for _ in range(3)]
+            for prediction_id in ids[:2]:
+                server.wait_for(prediction_id, {"processing"}, timeout=60)
+            third = http.get(f"/v1/predictions/{ids[2]}").json()
+            assert third["status"] == "starting"  # one prediction at a time per worker
+            assert httpx.get(f"{server.base}/health-check").json()["status"] == "BUSY"
+            for prediction_id in ids:
+                http.post(f"/v1/predictions/{prediction_id}/cancel")
+        ended = [server.wait_for(i, {"canceled", "succeeded", "failed"}, timeout=120) for i in ids]
+        assert [p["status"] for p in ended] == ["canceled"] * 3
     finally:
         server.stop()

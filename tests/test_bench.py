@@ -1,0 +1,27 @@
+"""The CPU benchmark runs in CI-sized form and proves the engine's frames equal the stock pipeline's.
+
+It asserts no timing: speed is reported by the benchmark, never asserted by a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_benchmark_reports_ratio_and_identical_frames(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", "--repeats", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, env=os.environ.copy(), timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert report["frames_identical"] is True
+    assert report["ratio_engine_over_stock"] > 0 and report["engine_s"] > 0 and report["stock_s"] > 0
+    assert report["output"] == "1280x720x121"
+    assert "| ratio_engine_over_stock |" in result.stdout

@@ -1,0 +1,251 @@
+"""Images in: every way of passing one, and a clear error naming the field for every bad one."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from i2v.errors import InputError
+from i2v.images import ImageLoader, decode_image
+
+loader = ImageLoader(allow=("127.0.0.1",))  # the loopback test servers
+
+
+def rule_for(data: bytes, field: str = "start_image") -> str:
+    with pytest.raises(InputError) as info:
+        decode_image(data, field)
+    assert info.value.field == field
+    return info.value.rule
+
+
+def test_local_path_png_jpeg_webp(image_file) -> None:
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        image = loader.load(str(image_file(640, 360, fmt)), "start_image")
+        assert image.size == (640, 360) and image.mode == "RGB"
+
+
+def test_data_uri() -> None:
+    uri = "data:image/png;base64," + base64.b64encode(make_image(400, 300)).decode()
+    assert loader.load(uri, "start_image").size == (400, 300)
+    with pytest.raises(InputError, match="malformed data URI"):
+        loader.load("data:image/png;base64,%%%notbase64", "end_image")
+
+
+def test_url_from_a_loopback_server(http_dir: tuple[Path, str]) -> None:
+    root, base = http_dir
+    (root / "a.jpg").write_bytes(make_image(500, 800, "JPEG"))
+    assert loader.load(f"{base}/a.jpg", "start_image").size == (500, 800)
+    with pytest.raises(InputError, match="HTTP 404") as info:
+        loader.load(f"{base}/missing.jpg", "end_image")
+    assert info.value.field == "end_image"
+
+
+class _Redirects(http.server.BaseHTTPRequestHandler):
+    """/hop/N redirects to /hop/N-1; /hop/0 serves an image; /big streams more than the cap."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/hop/"):
+            n = int(self.path.rsplit("/", 1)[1])
+            if n > 0:
+                self.send_response(302)
+                self.send_header("Location", f"/hop/{n - 1}")
+                self.end_headers()
+                return
+            body = make_image(320, 320)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/big":  # no Content-Length: the cap must hold while streaming
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(12):
+                self.wfile.write(b"\0" * 2**20)
+        elif self.path == "/elsewhere":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/hop/0")
+            self.end_headers()
+        elif self.path == "/ftp":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/a.png")
+            self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def redirect_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirects)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_redirects_are_followed_up_to_three(redirect_server: str) -> None:
+    assert loader.load(f"{redirect_server}/hop/3", "start_image").size == (320, 320)
+    with pytest.raises(InputError, match="too many redirects"):
+        loader.load(f"{redirect_server}/hop/4", "start_image")
+
+
+def test_redirect_to_another_scheme_is_refused(redirect_server: str) -> None:
+    with pytest.raises(InputError, match="unsupported URL scheme 'ftp'"):
+        loader.load(f"{redirect_server}/ftp", "start_image")
+
+
+def test_download_is_capped_while_streaming(redirect_server: str) -> None:
+    with pytest.raises(InputError, match="larger than 10 MB"):
+        loader.load(f"{redirect_server}/big", "start_image")
+
+
+def test_local_paths_can_be_refused(image_file) -> None:
+    with pytest.raises(InputError, match="http"):
+        ImageLoader(allow_local_paths=False).load(str(image_file(400, 400)), "start_image")
+    with pytest.raises(InputError, match="no such image file"):
+        loader.load("/nonexistent/a.png", "start_image")
+    with pytest.raises(InputError, match="unsupported URL scheme 'file'"):
+        loader.load("file:///etc/passwd", "start_image")
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.open(io.BytesIO(make_image(600, 400, "JPEG")))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert decode_image(buffer.getvalue(), "start_image").size == (400, 600)
+
+
+def test_alpha_is_flattened_onto_white() -> None:
+    rgba = Image.new("RGBA", (400, 400), (255, 0, 0, 0))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    image = decode_image(buffer.getvalue(), "start_image")
+    assert image.mode == "RGB" and image.getpixel((10, 10)) == (255, 255, 255)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR claiming a huge size, with a tiny compressed body."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _animated_webp() -> bytes:
+    frames = [Image.new("RGB", (320, 320), color) for color in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "empty"),
+        (b"this is not an image", "not a decodable image"),
+        (make_image(640, 480, "PNG")[:3000], "corrupt or truncated"),
+        (make_image(640, 480, "GIF"), "unsupported image format GIF"),
+        (make_image(640, 480, "BMP"), "unsupported image format BMP"),
+        (_png_header_only(100_000, 100_000), "dimensions are too large"),
+        (make_image(299, 400), "at least 300 px"),
+        (make_image(400, 299), "at least 300 px"),
+        (make_image(1000, 399), "aspect ratio 2.51:1 is outside"),
+        (make_image(399, 1000), "aspect ratio 0.40:1 is outside"),
+    ],
+    ids=["empty", "text", "truncated", "gif", "bmp", "bomb", "narrow", "short", "too-wide", "too-tall"],
+)
+def test_bad_images_each_get_their_own_error(data: bytes, expected: str) -> None:
+    assert expected in rule_for(data)
+
+
+def test_animated_images_are_refused() -> None:
+    assert "animated" in rule_for(_animated_webp(), "end_image")
+
+
+def test_limits_are_inclusive() -> None:
+    assert decode_image(make_image(300, 300), "start_image").size == (300, 300)
+    assert decode_image(make_image(750, 300), "start_image").size == (750, 300)  # exactly 2.5:1
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:9/a.png", "loopback"),
+        ("http://localhost/a.png", "loopback"),
+        ("http://[::1]/a.png", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://10.0.0.5/a.png", "private"),
+        ("http://192.168.1.1/a.png", "private"),
+        ("http://172.16.0.1/a.png", "private"),
+        ("http://[::ffff:169.254.169.254]/", "link-local"),
+        ("http://[fd00::1]/a.png", "private"),
+        ("http://224.0.0.1/a.png", "multicast"),
+        ("http://0.0.0.0/a.png", "unspecified"),
+        ("http://100.64.0.1/a.png", "not a public address"),
+    ],
+)
+def test_private_and_special_addresses_are_refused(url: str, reason: str) -> None:
+    with pytest.raises(InputError) as info:
+        ImageLoader(allow=()).load(url, "end_image")  # nothing is sent: the check runs before connecting
+    assert info.value.field == "end_image"
+    assert "refusing to fetch" in info.value.rule and reason in info.value.rule
+
+
+def test_every_redirect_hop_is_checked(redirect_server: str) -> None:
+    """The first hop is trusted loopback; a redirect to another loopback address is not."""
+    with pytest.raises(InputError, match=r"refusing to fetch from 127\.0\.0\.2"):
+        ImageLoader(allow=("127.0.0.1",)).load(f"{redirect_server}/elsewhere", "start_image")
+
+
+def test_allowlist_by_host_name_or_network(http_dir: tuple[Path, str]) -> None:
+    root, base = http_dir
+    (root / "a.png").write_bytes(make_image(320, 320))
+    port = base.rsplit(":", 1)[1]
+    assert ImageLoader(allow=("localhost",)).load(f"http://localhost:{port}/a.png", "start_image").size == (320, 320)
+    assert ImageLoader(allow=("127.0.0.0/8",)).load(f"{base}/a.png", "start_image").size == (320, 320)
+
+
+class FakeResolver:
+    """Stands in for public DNS (unreachable here): answers a public address, then a private one."""
+
+    def __init__(self) -> None:
+        self.answers = ["93.184.215.14", "127.0.0.1"]
+        self.calls = 0
+
+    def __call__(self, host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        return [(2, 1, 6, "", (answer, port))]
+
+
+def test_the_checked_address_is_the_one_connected_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DNS rebinding: the host is resolved once and the request goes to that checked address."""
+    resolver = FakeResolver()
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    pinned = ImageLoader().pin("https://images.example.com/a.png?x=1", "start_image")
+    assert pinned.url == "https://93.184.215.14:443/a.png?x=1"
+    assert (pinned.host, pinned.host_header) == ("images.example.com", "images.example.com")
+    assert resolver.calls == 1
+
+
+def test_a_host_with_any_private_address_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda host, port, *a, **k: [(2, 1, 6, "", ("93.184.215.14", port)), (2, 1, 6, "", ("10.0.0.1", port))]
+    )
+    with pytest.raises(InputError, match=r"10\.0\.0\.1"):
+        ImageLoader().pin("http://mixed.example.com/", "start_image")
