@@ -279,12 +279,12 @@ def test_clip_with_token_plays_downloads_and_stays_in_history(
     runs = [api.get(f"/v1/predictions/{id_}").json() for id_ in ids]  # newest first, as listed
     assert [run["input"] for run in runs[:3]] == [runs[2]["input"]] * 3  # re-runs send the same input
     assert runs[2]["input"]["seed"] == 7 and runs[2]["input"]["prompt"] == PROMPT
-    # Cancel the queued one from the page; stop the running one through the API (it may be past its
-    # last cancel point and finish instead): the history follows the server either way.
+    # Stop the running one through the API (it may be past its last cancel point and finish instead)
+    # and cancel the queued one from the page: the history follows the server either way.
+    running = api.post(f"/v1/predictions/{runs[1]['id']}/cancel").json()
     page.click("#job-cancel")
     expect(page.locator("#job-state")).to_have_text("Canceled", timeout=60_000)
     expect(history.first.locator(".history-status")).to_have_text("Canceled")
-    running = api.post(f"/v1/predictions/{runs[1]['id']}/cancel").json()
     deadline = time.monotonic() + CLIP_TIMEOUT_S
     while running["status"] not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
         time.sleep(0.5)
