@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .backends import Backend, Clip, ModelInputs, resolve
-from .errors import InputError, ModelUnavailable
+from .errors import InputError, ModelUnavailable, OutputError
 from .geometry import fit_image, output_size
 from .images import ImageLoader
 from .progress import ProgressCallback, Reporter
@@ -183,15 +183,21 @@ class Engine:
                 "duration": request.duration,
             },
         }
-        path = write_mp4(
-            frames,
-            output,
-            size=rendered.size,
-            fps=FPS,
-            metadata=metadata,
-            preset=self.settings.x264_preset,
-            crf=self.settings.x264_crf,
-        )
+        try:
+            path = write_mp4(
+                frames,
+                output,
+                size=rendered.size,
+                fps=FPS,
+                metadata=metadata,
+                preset=self.settings.x264_preset,
+                crf=self.settings.x264_crf,
+            )
+        except OSError as exc:  # write_mp4 leaves no partial file behind
+            reason = exc.strerror or str(exc)
+            raise OutputError(
+                f"could not write the video ({reason}): the disk may be full or the output folder not writable"
+            ) from exc
         timings["encode"] = time.perf_counter() - clock
         log.info("wrote %s (%s, seed %d) in %s", path, spec.name, inputs.seed, timings)
         return Result(

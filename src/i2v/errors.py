@@ -22,3 +22,7 @@ class ModelUnavailable(I2VError):
 
 class Cancelled(I2VError):
     """The caller asked the generation to stop; raised between denoising steps."""
+
+
+class OutputError(I2VError):
+    """The finished video could not be written (a full disk, an unwritable data folder)."""

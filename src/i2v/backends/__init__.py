@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import os
 import shutil
@@ -23,14 +24,34 @@ TINY_PREFIX = "tiny-"
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "Clip", "ModelInputs", "StepCallback", "resolve"]
 
 
+def registered() -> dict[str, type[Backend]]:
+    """The built-in backends plus plugins named in `I2V_EXTRA_BACKENDS` (`module:Class`, comma-separated).
+
+    Plugins let an operator add a model without patching i2v; the test suite adds its fault-injection
+    backends this way, so none of them ships in the product's registry.
+    """
+    backends = dict(BACKENDS)
+    for entry in filter(None, (e.strip() for e in os.environ.get("I2V_EXTRA_BACKENDS", "").split(","))):
+        module, _, attr = entry.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ModelUnavailable(f"I2V_EXTRA_BACKENDS: cannot load {entry!r} ({exc})") from exc
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise ModelUnavailable(f"I2V_EXTRA_BACKENDS: {entry!r} is not a Backend subclass")
+        backends[cls.spec.name] = cls
+    return backends
+
+
 def resolve(ref: str, tiny_dir: Path) -> tuple[type[Backend], BackendSpec]:
     """The backend class and spec for a model reference; a tiny twin's weights are built on first use."""
     name, _, source = ref.partition("=")
     name = name.strip()
     tiny = name.startswith(TINY_PREFIX)
-    cls = BACKENDS.get(name.removeprefix(TINY_PREFIX))
+    backends = registered()
+    cls = backends.get(name.removeprefix(TINY_PREFIX))
     if cls is None:
-        known = ", ".join(sorted(BACKENDS))
+        known = ", ".join(sorted(backends))
         raise ModelUnavailable(f"unknown model '{name}' (registered: {known}; prefix 'tiny-' for a tiny twin)")
     if tiny:
         return cls, cls.tiny_spec(ensure_tiny(cls, tiny_dir))

@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
 import mimetypes
 import re
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -25,12 +25,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import web
 from .cog_schema import COG_VERSION, openapi_schema, version_id
 from .config import ServerConfig
 from .files import MAX_FILE_BYTES, FileTooLarge
+from .limits import token_owner
 from .runner import Runner
 from .schemas import (
     APIError,
@@ -77,25 +78,34 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,  # served below, behind the token like everything but health and the page
     )
     app.state.service = service
-    app.add_middleware(UploadLimit)
+    app.add_middleware(BodyLimit, max_body=config.max_body_bytes)
     _install_error_handlers(app)
+    authenticated = Depends(_authenticate(config, service))
 
     def base(request: Request) -> str:
         return service.base_url(str(request.base_url))
 
-    # health and metrics stay open so load balancers and Prometheus can reach them without a token
+    def owner(request: Request) -> str:
+        return request.state.owner
+
+    # health stays open so load balancers can probe without a token; Prometheus sends one for /metrics
 
     @app.get("/health-check")
     def health() -> dict[str, Any]:
         return service.health()
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[authenticated])
     def metrics() -> Response:
         return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_authenticate(config))])
+    @app.get("/openapi.json", dependencies=[authenticated], include_in_schema=False)
+    def openapi_document() -> dict[str, Any]:
+        return app.openapi()
+
+    api = APIRouter(prefix="/v1", dependencies=[authenticated])
 
     # models
 
@@ -143,14 +153,15 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
 
     # predictions
 
-    @api.post("/models/{owner}/{name}/predictions", status_code=201)
+    @api.post("/models/{owner}/{name}/predictions", status_code=201, openapi_extra=CREATE_BODY)
     async def create_for_model(owner: str, name: str, request: Request) -> Response:
         known_model(owner, name)
         body = await _body(request)
-        row = await asyncio.to_thread(service.create, f"{owner}/{name}", version, body, base(request))
+        model = f"{owner}/{name}"
+        row = await asyncio.to_thread(service.create, model, version, body, base(request), request.state.owner)
         return await _created(row, request)
 
-    @api.post("/predictions", status_code=201)
+    @api.post("/predictions", status_code=201, openapi_extra=CREATE_BODY)
     async def create_for_version(request: Request) -> Response:
         body = await _body(request)
         if not body.version:
@@ -159,7 +170,7 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
                 [InvalidField(type="required", field="version", description="Field required")],
             )
         model = service.resolve_version(body.version, version)
-        row = await asyncio.to_thread(service.create, model, version, body, base(request))
+        row = await asyncio.to_thread(service.create, model, version, body, base(request), owner(request))
         return await _created(row, request)
 
     async def _created(row: PredictionRow, request: Request) -> Response:
@@ -167,7 +178,7 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
         headers = {"location": f"{base(request)}/v1/predictions/{row.id}"}
         status = None
         if wait:
-            row = await service.wait(row.id, max(0.5, wait - WAIT_MARGIN))
+            row = await service.wait(row.id, max(0.5, wait - WAIT_MARGIN))  # its creator's: no owner check
             headers["preference-applied"] = "wait"
             # The official client polls only when the answer says `starting`: anything else it takes as final.
             status = None if row.status in TERMINAL else "starting"
@@ -183,22 +194,23 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
             cursor,
             f"{base(request)}/v1/predictions",
             lambda row: prediction_body(row, base(request)),
+            owner(request),
         )
 
     @api.get("/predictions/{prediction_id}")
     def get_prediction(prediction_id: str, request: Request) -> dict[str, Any]:
-        return prediction_body(service.get(prediction_id), base(request))
+        return prediction_body(service.get(prediction_id, owner(request)), base(request))
 
     @api.post("/predictions/{prediction_id}/cancel")
     async def cancel_prediction(prediction_id: str, request: Request) -> dict[str, Any]:
-        row = await asyncio.to_thread(service.cancel, prediction_id)
+        row = await asyncio.to_thread(service.cancel, prediction_id, owner(request))
         if row.status not in TERMINAL:  # give a running one a moment to stop at its next step
             row = await service.wait(prediction_id, 2.0)
         return prediction_body(row, base(request))
 
     @api.get("/predictions/{prediction_id}/output.mp4")
-    def get_output(prediction_id: str) -> FileResponse:
-        row = service.get(prediction_id)
+    def get_output(prediction_id: str, request: Request) -> FileResponse:
+        row = service.get(prediction_id, owner(request))
         path = config.outputs_dir / f"{row.id}.mp4"
         if not row.output or row.data_removed or not path.is_file():
             raise not_found(f"output of prediction {prediction_id}")
@@ -227,7 +239,9 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
             or "application/octet-stream"
         )
         try:
-            row = await asyncio.to_thread(service.files.save, content.file, name, content_type, meta)
+            row = await asyncio.to_thread(
+                service.files.save, content.file, name, content_type, meta, owner(request)
+            )
         except FileTooLarge as exc:
             raise APIError(413, "Payload too large", str(exc)) from None
         finally:
@@ -237,27 +251,32 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     @api.get("/files")
     def list_files(request: Request, cursor: str | None = None) -> dict[str, Any]:
         return _page(
-            service, FileRow, cursor, f"{base(request)}/v1/files", lambda row: file_body(row, base(request))
+            service,
+            FileRow,
+            cursor,
+            f"{base(request)}/v1/files",
+            lambda row: file_body(row, base(request)),
+            owner(request),
         )
 
-    def _file(file_id: str) -> FileRow:
-        row = service.store.file(file_id)
+    def _file(file_id: str, request: Request) -> FileRow:
+        row = service.store.file(file_id, owner(request))  # only the token's own: others' read as missing
         if row is None:
             raise not_found(f"file {file_id}")
         return row
 
     @api.get("/files/{file_id}")
     def get_file(file_id: str, request: Request) -> dict[str, Any]:
-        return file_body(_file(file_id), base(request))
+        return file_body(_file(file_id, request), base(request))
 
     @api.get("/files/{file_id}/download")
-    def download_file(file_id: str) -> FileResponse:
-        row = _file(file_id)
+    def download_file(file_id: str, request: Request) -> FileResponse:
+        row = _file(file_id, request)
         return FileResponse(service.files.path(row.id), media_type=row.content_type, filename=row.name)
 
     @api.delete("/files/{file_id}", status_code=204)
-    def delete_file(file_id: str) -> Response:
-        if not service.files.delete(file_id):
+    def delete_file(file_id: str, request: Request) -> Response:
+        if not service.files.delete(file_id, owner(request)):
             raise not_found(f"file {file_id}")
         return Response(status_code=204)
 
@@ -272,17 +291,29 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     return app
 
 
-def _authenticate(config: ServerConfig) -> Callable[[Request], None]:
+def _authenticate(config: ServerConfig, service: Service) -> Callable[[Request], None]:
+    """Check the bearer token (in constant time, against every configured token), then its request rate.
+
+    Sets `request.state.owner`, the hash the token's predictions and files are stored under. The token
+    itself is never logged or stored.
+    """
     tokens = [t.encode() for t in config.tokens]
 
     def check(request: Request) -> None:
         if config.no_auth:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not token or scheme.lower() not in ("bearer", "token"):
-            raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
-        if not any(secrets.compare_digest(token.strip().encode(), t) for t in tokens):
-            raise APIError(401, "Unauthenticated", "Invalid token")
+            request.state.owner = token_owner(None)
+        else:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if not token or scheme.lower() not in ("bearer", "token"):
+                raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
+            given = token.strip().encode()
+            matched = False
+            for known in tokens:  # no early exit: the time taken does not tell which token came close
+                matched |= hmac.compare_digest(given, known)
+            if not matched:
+                raise APIError(401, "Unauthenticated", "Invalid token")
+            request.state.owner = token_owner(given.decode())
+        service.check_rate(service.request_limit, request.state.owner, "requests")
 
     return check
 
@@ -333,7 +364,12 @@ def _cursor(value: dict[str, int]) -> str:
 
 
 def _page(
-    service: Service, model: type, cursor: str | None, url: str, render: Callable[[Any], Any]
+    service: Service,
+    model: type,
+    cursor: str | None,
+    url: str,
+    render: Callable[[Any], Any],
+    owner: str,
 ) -> dict[str, Any]:
     """Newest first, PAGE_SIZE a page; `next`/`previous` are absolute URLs with an opaque cursor."""
     after = before = None
@@ -341,15 +377,18 @@ def _page(
         try:
             decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
             after, before = decoded.get("a"), decoded.get("b")
+            if not all(v is None or (isinstance(v, int) and abs(v) < 2**62) for v in (after, before)):
+                raise ValueError("not a position")
         except (binascii.Error, ValueError, AttributeError):
             raise APIError(400, "Invalid request", "the cursor is not one this server made") from None
-    rows, more = service.store.page(model, after=after, before=before, limit=PAGE_SIZE)
+    store = service.store
+    rows, more = store.page(model, after=after, before=before, limit=PAGE_SIZE, owner=owner)
     older = newer = False
     if rows:
         if before is None:
-            older, newer = more, after is not None and service.store.exists_newer(model, rows[0].seq)
+            older, newer = more, after is not None and store.exists_newer(model, rows[0].seq, owner)
         else:
-            older, newer = service.store.exists_older(model, rows[-1].seq), more
+            older, newer = store.exists_older(model, rows[-1].seq, owner), more
     return {
         "next": f"{url}?cursor={_cursor({'a': rows[-1].seq})}" if older else None,
         "previous": f"{url}?cursor={_cursor({'b': rows[0].seq})}" if newer else None,
@@ -359,18 +398,22 @@ def _page(
 
 def _install_error_handlers(app: FastAPI) -> None:
     def problem(
-        status: int, title: str, detail: str, fields: list[InvalidField] | None = None
+        status: int,
+        title: str,
+        detail: str,
+        fields: list[InvalidField] | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> JSONResponse:
         body = {"title": title, "detail": detail, "status": status}
         if fields is not None:
             body["invalid_fields"] = [f.model_dump() for f in fields]
-        headers = {"www-authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        headers = {"www-authenticate": "Bearer"} if status == 401 else {}
+        return JSONResponse(body, status_code=status, headers={**headers, **(extra_headers or {})})
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> JSONResponse:
         p = exc.problem
-        return problem(p.status, p.title, p.detail, p.invalid_fields)
+        return problem(p.status, p.title, p.detail, p.invalid_fields, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -397,26 +440,53 @@ def _install_error_handlers(app: FastAPI) -> None:
         return problem(500, "Internal server error", "the server hit an unexpected error; it has been logged")
 
 
-class UploadLimit:
-    """Refuse uploads over the Files API limit from their Content-Length, before reading the body."""
+class BodyLimit:
+    """413 for bodies over the limit: the Files API's for uploads, `max_body` for everything else.
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    A declared Content-Length is refused before any of the body is read; a chunked body is counted as it
+    arrives and stopped at the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"].rstrip("/").endswith("/v1/files")
-        ):
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if (
-                length.isdigit() and int(length) > MAX_FILE_BYTES + 2**20
-            ):  # allowance for the multipart framing
-                detail = f"files are limited to {MAX_FILE_BYTES // 2**20} MB"
-                response = JSONResponse(
-                    {"title": "Payload too large", "detail": detail, "status": 413}, status_code=413
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].rstrip("/").endswith("/v1/files"):
+            limit, what = MAX_FILE_BYTES + 2**20, f"files are limited to {MAX_FILE_BYTES // 2**20} MB"
+        elif self.max_body:
+            limit, what = self.max_body, f"request bodies are limited to {_size(self.max_body)}"
+        else:
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            response = JSONResponse({"title": "Payload too large", "detail": what, "status": 413}, status_code=413)
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise APIError(413, "Payload too large", what)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MB" if n >= 2**20 else f"{n} bytes"
+
+
+CREATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": CreatePrediction.model_json_schema()}},
+    }
+}

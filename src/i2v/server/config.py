@@ -7,9 +7,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..images import _allowlist_from_env
+from .webhooks import RETRY_DELAYS
+
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = "0.0.0.0"
 DEFAULT_PORT = 8000
+# Two 10 MB images sent inline as base64 data URIs fit with room to spare.
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+# The official client polls each running prediction twice a second; 40 requests/s leaves room for many.
+DEFAULT_REQUEST_RATE = 2400
+DEFAULT_CREATE_RATE = 60
+DEFAULT_MAX_UNFINISHED = 50
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -32,6 +41,28 @@ def parse_duration(text: str, name: str) -> float | None:
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _int(name: str, default: int) -> int:
+    """A count from the environment; '0' or 'off' turns the limit off (returned as 0)."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("off", "none", "never"):
+        return 0
+    if not text.isdigit():
+        raise ConfigError(f"{name}: expected a whole number (0 or off for no limit), got {text!r}")
+    return int(text)
+
+
+def _delays(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{name}: expected seconds separated by commas, like 1,2,4,8, got {text!r}") from None
 
 
 def _tokens_from_env() -> tuple[str, ...]:
@@ -57,6 +88,13 @@ class ServerConfig:
     - retry_on_restart: a prediction interrupted by a restart runs once more instead of failing
       (`I2V_RETRY_ON_RESTART=1`).
     - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); None lets the engine choose.
+    - fetch_allow: hosts or networks image URLs may reach although private (`I2V_FETCH_ALLOW`).
+    - max_body_bytes: largest request body outside the Files API (`I2V_MAX_BODY_BYTES`); 413 above it.
+    - request_rate / create_rate: API requests / prediction creates per minute per token
+      (`I2V_REQUEST_RATE`, `I2V_CREATE_RATE`; a full minute's worth may come in one burst); 429 above it.
+    - max_unfinished: predictions per token waiting or running at once (`I2V_MAX_UNFINISHED`); 429 above it.
+    Limits set to 0 are off.
+    - webhook_retry_delays: seconds between retries of a terminal webhook (`I2V_WEBHOOK_RETRY_DELAYS`).
     """
 
     data_dir: Path
@@ -71,6 +109,12 @@ class ServerConfig:
     devices: tuple[str | None, ...] = (None,)
     webhook_secret: str | None = None
     model_names: tuple[str, ...] = field(default=("i2v/default", "kwaivgi/kling-v2.1"))
+    fetch_allow: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_rate: int = DEFAULT_REQUEST_RATE
+    create_rate: int = DEFAULT_CREATE_RATE
+    max_unfinished: int = DEFAULT_MAX_UNFINISHED
+    webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS
 
     @classmethod
     def from_env(
@@ -108,6 +152,12 @@ class ServerConfig:
             retry_on_restart=_flag("I2V_RETRY_ON_RESTART"),
             devices=tuple(devices_env) or (None,),
             webhook_secret=os.environ.get("I2V_WEBHOOK_SECRET", "").strip() or None,
+            fetch_allow=_allowlist_from_env(),
+            max_body_bytes=_int("I2V_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            request_rate=_int("I2V_REQUEST_RATE", DEFAULT_REQUEST_RATE),
+            create_rate=_int("I2V_CREATE_RATE", DEFAULT_CREATE_RATE),
+            max_unfinished=_int("I2V_MAX_UNFINISHED", DEFAULT_MAX_UNFINISHED),
+            webhook_retry_delays=_delays("I2V_WEBHOOK_RETRY_DELAYS", RETRY_DELAYS),
         )
 
     @property

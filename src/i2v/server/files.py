@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,9 @@ from .store import FileRow, Store, utcnow
 
 MAX_FILE_BYTES = 100 * 1024 * 1024
 CHUNK = 1024 * 1024
+
+
+_ID = re.compile(r"[a-z0-9]{1,40}")
 
 
 class FileTooLarge(ValueError):
@@ -30,9 +34,13 @@ class Files:
         folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, file_id: str) -> Path:
+        if not _ID.fullmatch(file_id):  # ids are ours; anything else never becomes a path
+            raise ValueError(f"not a file id: {file_id!r}")
         return self.folder / file_id
 
-    def save(self, stream: BinaryIO, name: str, content_type: str, metadata: dict[str, Any]) -> FileRow:
+    def save(
+        self, stream: BinaryIO, name: str, content_type: str, metadata: dict[str, Any], owner: str = ""
+    ) -> FileRow:
         file_id = new_id()
         sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
         partial = self.folder / f".{file_id}.part"
@@ -59,12 +67,13 @@ class Files:
             meta=metadata,
             created_at=now,
             expires_at=now + timedelta(seconds=self.retention) if self.retention else None,
+            owner=owner,
         )
         self.store.add(row)
         return row
 
-    def delete(self, file_id: str) -> bool:
-        if not self.store.delete_file(file_id):
+    def delete(self, file_id: str, owner: str | None = None) -> bool:
+        if not self.store.delete_file(file_id, owner):
             return False
         self.path(file_id).unlink(missing_ok=True)
         return True

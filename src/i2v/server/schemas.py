@@ -93,10 +93,16 @@ class APIError(Exception):
     """An error answered as a Replicate problem-details body."""
 
     def __init__(
-        self, status: int, title: str, detail: str, invalid_fields: list[InvalidField] | None = None
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        invalid_fields: list[InvalidField] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.problem = Problem(title=title, detail=detail, status=status, invalid_fields=invalid_fields)
+        self.headers = headers or {}
 
 
 def not_found(what: str) -> APIError:

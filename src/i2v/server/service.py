@@ -8,12 +8,14 @@ torch: the model runs behind `Runner`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import re
 import threading
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,10 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import ValidationError
 
+from ..errors import InputError
 from ..images import MAX_BYTES as MAX_IMAGE_BYTES
+from ..images import ImageLoader, decode_image
 from ..request import KlingRequest
 from .config import ServerConfig
 from .files import Files, new_id
+from .limits import RateLimiter
 from .runner import Canceled, Event, Failed, Job, Log, Runner, Started, StateChanged, Succeeded
 from .schemas import (
     APIError,
@@ -52,9 +57,19 @@ class Service:
         config.outputs_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.db_path)
         self.files = Files(self.store, config.files_dir, config.retention)
+        self.inputs_dir = config.data_dir / "inputs"
+        self.inputs_dir.mkdir(parents=True, exist_ok=True)
+        # Image URLs are fetched here, at create, with the SSRF guard; the worker gets the checked bytes.
+        self.loader = ImageLoader(allow_local_paths=False, allow=config.fetch_allow)
         self.webhooks = WebhookSender(
-            self.store, load_secret(config.data_dir / "webhook_secret", config.webhook_secret)
+            self.store,
+            load_secret(config.data_dir / "webhook_secret", config.webhook_secret),
+            retry_delays=config.webhook_retry_delays,
+            guard=lambda url: self.loader.pin(url, "webhook"),
         )
+        self.request_limit = RateLimiter(config.request_rate)
+        self.create_limit = RateLimiter(config.create_rate)
+        self._create_lock = threading.Lock()  # the unfinished-per-token count and the insert go together
         self.registry = CollectorRegistry()
         self._predict_time = Histogram(
             "i2v_predict_time_seconds",
@@ -129,21 +144,33 @@ class Service:
             + ", ".join(self.config.model_names),
         )
 
-    def create(self, model: str, version: str, body: CreatePrediction, base: str) -> PredictionRow:
+    def check_rate(self, limiter: RateLimiter, owner: str, what: str) -> None:
+        wait = limiter.acquire(owner)
+        if wait:
+            per_minute = int(limiter.capacity)
+            raise APIError(
+                429,
+                "Too many requests",
+                f"this token may make {per_minute} {what} a minute; try again in {wait} s",
+                headers={"retry-after": str(wait)},
+            )
+
+    def create(
+        self, model: str, version: str, body: CreatePrediction, base: str, owner: str = ""
+    ) -> PredictionRow:
         try:
             KlingRequest.model_validate(body.input)
         except ValidationError as exc:
             raise invalid("Input validation failed", invalid_fields(exc, "input.")) from None
-        self._check_images(body.input, base)
         webhook = body.webhook or body.webhook_completed
         events = list(body.webhook_events_filter or (EVENTS if body.webhook else ["completed"]))
-        if webhook and urlsplit(webhook).scheme not in ("http", "https"):
-            raise invalid(
-                "Invalid request",
-                [InvalidField(type="format", field="webhook", description="must be an http(s) URL")],
-            )
+        if webhook:
+            self._check_webhook(webhook)
+        self.check_rate(self.create_limit, owner, "predictions")
+        images = self._read_images(body.input, base, owner)
+        prediction_id = new_id()
         row = PredictionRow(
-            id=new_id(),
+            id=prediction_id,
             model=model,
             version=version,
             input=body.input,
@@ -156,37 +183,91 @@ class Service:
             attempts=0,
             data_removed=False,
             cancel_requested=False,
+            owner=owner,
         )
-        self.store.add(row)
+        saved = [self._input_path(prediction_id, field) for field in images]
+        try:
+            for path, data in zip(saved, images.values(), strict=True):
+                path.write_bytes(data)
+            with self._create_lock:
+                limit = self.config.max_unfinished
+                if limit and self.store.count_unfinished(owner) >= limit:
+                    raise APIError(
+                        429,
+                        "Too many predictions",
+                        f"this token already has {limit} predictions waiting or running, the most it may; "
+                        "wait for some to finish (or cancel them) before creating more",
+                    )
+                self.store.add(row)
+        except BaseException:
+            for path in saved:
+                path.unlink(missing_ok=True)
+            raise
         self._kick()
         return row
 
-    def _check_images(self, inputs: dict[str, Any], base: str) -> None:
-        problems = []
+    def _check_webhook(self, url: str) -> None:
+        problem = None
+        if urlsplit(url).scheme not in ("http", "https"):
+            problem = "must be an http(s) URL"
+        else:
+            try:
+                self.loader.pin(url, "webhook")
+            except InputError as exc:
+                problem = exc.rule
+        if problem:
+            raise invalid(
+                "Invalid request", [InvalidField(type="format", field="webhook", description=problem)]
+            )
+
+    def _read_images(self, inputs: dict[str, Any], base: str, owner: str) -> dict[str, bytes]:
+        """Each image input's bytes, fetched and decoded once here so a bad image is a 4xx at create.
+
+        Uploaded files are read from disk (only the caller's own), URLs fetched through the SSRF guard,
+        data URIs decoded; then Pillow checks the image as the engine will. Too large: 413; else 422.
+        """
+        problems, images, too_large = [], {}, False
         for field in IMAGE_FIELDS:
             value = inputs.get(field)
             if not isinstance(value, str):
                 continue
-            file_id = self.own_file_id(value, (base,))
-            if file_id is not None:
-                if self.store.file(file_id) is None:
-                    problems.append(
-                        InvalidField(
-                            type="not_found",
-                            field=f"input.{field}",
-                            description=f"uploaded file {file_id} does not exist (deleted or expired)",
-                        )
-                    )
-            elif urlsplit(value).scheme.lower() not in ("http", "https", "data"):
-                problems.append(
-                    InvalidField(
-                        type="format",
-                        field=f"input.{field}",
-                        description="must be an http(s) URL, a data URI or an uploaded file's URL",
-                    )
-                )
+            try:
+                data = self._image_bytes(value, field, base, owner)
+                decode_image(data, field)
+            except InputError as exc:
+                too_large |= "larger than" in exc.rule
+                problems.append(InvalidField(type="image", field=f"input.{field}", description=exc.rule))
+            else:
+                images[field] = data
         if problems:
+            if too_large:
+                raise APIError(
+                    413,
+                    "Payload too large",
+                    "\n".join(f"- {p.field}: {p.description}" for p in problems),
+                    invalid_fields=problems,
+                )
             raise invalid("Input validation failed", problems)
+        return images
+
+    def _image_bytes(self, value: str, field: str, base: str, owner: str) -> bytes:
+        file_id = self.own_file_id(value, (base,))
+        if file_id is None:
+            if urlsplit(value).scheme.lower() not in ("http", "https", "data"):
+                raise InputError(field, "must be an http(s) URL, a data URI or an uploaded file's URL")
+            return self.loader.read_bytes(value, field)
+        stored = self.store.file(file_id, owner)
+        if stored is None:
+            raise InputError(field, f"uploaded file {file_id} does not exist (deleted or expired)")
+        if stored.size > MAX_IMAGE_BYTES:
+            raise InputError(field, f"image is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+        try:
+            return self.files.path(file_id).read_bytes()
+        except OSError:
+            raise InputError(field, f"uploaded file {file_id} does not exist (deleted or expired)") from None
+
+    def _input_path(self, prediction_id: str, field: str) -> Path:
+        return self.inputs_dir / f"{prediction_id}.{field}"
 
     def own_file_id(self, url: str, bases: tuple[str, ...]) -> str | None:
         """The file id when `url` is one of our Files API URLs (we read those from disk, not over HTTP)."""
@@ -197,14 +278,15 @@ class Service:
                     return match.group("id")
         return None
 
-    def get(self, prediction_id: str) -> PredictionRow:
-        row = self.store.prediction(prediction_id)
+    def get(self, prediction_id: str, owner: str | None = None) -> PredictionRow:
+        """The prediction; with `owner`, another token's reads as missing (404), as if it did not exist."""
+        row = self.store.prediction(prediction_id, owner)
         if row is None:
             raise not_found(f"prediction {prediction_id}")
         return row
 
-    def cancel(self, prediction_id: str) -> PredictionRow:
-        row = self.get(prediction_id)
+    def cancel(self, prediction_id: str, owner: str | None = None) -> PredictionRow:
+        row = self.get(prediction_id, owner)
         if row.status == QUEUED:
             done = self.store.transition(prediction_id, {QUEUED}, status=CANCELED, completed_at=utcnow())
             if done is not None:
@@ -275,7 +357,12 @@ class Service:
         request = dict(row.input)
         for field in IMAGE_FIELDS:
             value = request.get(field)
-            if isinstance(value, str) and (file_id := self.own_file_id(value, (row.base_url,))):
+            kept = self._input_path(row.id, field)
+            if isinstance(value, str) and kept.is_file():  # checked at create: the worker fetches nothing
+                request[field] = "data:application/octet-stream;base64," + base64.b64encode(
+                    kept.read_bytes()
+                ).decode()
+            elif isinstance(value, str) and (file_id := self.own_file_id(value, (row.base_url,))):
                 stored = self.store.file(file_id)
                 if stored is not None and stored.size > MAX_IMAGE_BYTES:
                     raise ValueError(f"{field}: image is larger than {MAX_IMAGE_BYTES // 2**20} MB")
@@ -310,6 +397,9 @@ class Service:
                 )
         elif isinstance(event, Succeeded):
             seed = event.info.get("seed")
+            if not (self.config.outputs_dir / f"{event.id}.mp4").is_file():
+                self._finish(event.id, status=FAILED, error="the output video is missing from the data folder")
+                return
             self._finish(
                 event.id,
                 status=SUCCEEDED,
@@ -342,6 +432,8 @@ class Service:
         self._kick()
 
     def _finished(self, row: PredictionRow) -> None:
+        for field in IMAGE_FIELDS:
+            self._input_path(row.id, field).unlink(missing_ok=True)
         self._completed.labels(row.status).inc()
         if row.predict_time is not None:
             self._predict_time.observe(row.predict_time)

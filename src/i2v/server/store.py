@@ -23,7 +23,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -66,6 +68,7 @@ class PredictionRow(Base):
     base_url: Mapped[str] = mapped_column(String(300))  # the origin the client used; for URLs in webhooks
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    owner: Mapped[str] = mapped_column(String(64), default="", index=True)  # limits.token_owner of its token
 
 
 class FileRow(Base):
@@ -81,6 +84,7 @@ class FileRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    owner: Mapped[str] = mapped_column(String(64), default="", index=True)
 
 
 class DeliveryRow(Base):
@@ -112,6 +116,7 @@ class Store:
         )
         event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -122,15 +127,35 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _add_missing_columns(self) -> None:
+        """Bring a database made by an older version up to date (new columns only, with their defaults)."""
+        with self.engine.begin() as conn:
+            for table in (PredictionRow.__table__, FileRow.__table__):
+                present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+                if "owner" not in present:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN owner VARCHAR(64) NOT NULL DEFAULT ''"))
+
     # predictions
 
     def add(self, row: Base) -> None:
         with self.session() as s:
             s.add(row)
 
-    def prediction(self, prediction_id: str) -> PredictionRow | None:
+    def prediction(self, prediction_id: str, owner: str | None = None) -> PredictionRow | None:
+        """The prediction; with `owner`, only if that token's (another's reads as missing)."""
+        query = select(PredictionRow).where(PredictionRow.id == prediction_id)
+        if owner is not None:
+            query = query.where(PredictionRow.owner == owner)
         with self.session() as s:
-            return s.scalar(select(PredictionRow).where(PredictionRow.id == prediction_id))
+            return s.scalar(query)
+
+    def count_unfinished(self, owner: str) -> int:
+        with self.session() as s:
+            return s.scalar(
+                select(func.count())
+                .select_from(PredictionRow)
+                .where(PredictionRow.owner == owner, PredictionRow.status.in_((QUEUED, RUNNING)))
+            )
 
     def transition(
         self, prediction_id: str, allowed: frozenset[str] | set[str], **changes: Any
@@ -167,11 +192,15 @@ class Store:
             )
 
     def page(
-        self, model: type[Base], *, after: int | None, before: int | None, limit: int
+        self, model: type[Base], *, after: int | None, before: int | None, limit: int, owner: str | None = None
     ) -> tuple[list[Any], bool]:
-        """Newest first. `after` = rows older than that seq, `before` = rows newer; returns (rows, more)."""
+        """Newest first. `after` = rows older than that seq, `before` = rows newer; returns (rows, more).
+
+        With `owner`, only that token's rows."""
         seq = model.seq  # type: ignore[attr-defined]
         query = select(model)
+        if owner is not None:
+            query = query.where(model.owner == owner)  # type: ignore[attr-defined]
         if before is not None:
             query = query.where(seq > before).order_by(seq.asc())
         else:
@@ -186,13 +215,18 @@ class Store:
             rows.reverse()
         return rows, more
 
-    def exists_newer(self, model: type[Base], seq: int) -> bool:
-        with self.session() as s:
-            return s.scalar(select(func.count()).select_from(model).where(model.seq > seq)) > 0  # type: ignore[attr-defined]
+    def exists_newer(self, model: type[Base], seq: int, owner: str | None = None) -> bool:
+        return self._exists(model, model.seq > seq, owner)  # type: ignore[attr-defined]
 
-    def exists_older(self, model: type[Base], seq: int) -> bool:
+    def exists_older(self, model: type[Base], seq: int, owner: str | None = None) -> bool:
+        return self._exists(model, model.seq < seq, owner)  # type: ignore[attr-defined]
+
+    def _exists(self, model: type[Base], condition: Any, owner: str | None) -> bool:
+        query = select(func.count()).select_from(model).where(condition)
+        if owner is not None:
+            query = query.where(model.owner == owner)  # type: ignore[attr-defined]
         with self.session() as s:
-            return s.scalar(select(func.count()).select_from(model).where(model.seq < seq)) > 0  # type: ignore[attr-defined]
+            return s.scalar(query) > 0
 
     def counts_by_status(self) -> dict[str, int]:
         with self.session() as s:
@@ -231,13 +265,19 @@ class Store:
 
     # files
 
-    def file(self, file_id: str) -> FileRow | None:
+    def file(self, file_id: str, owner: str | None = None) -> FileRow | None:
+        query = select(FileRow).where(FileRow.id == file_id)
+        if owner is not None:
+            query = query.where(FileRow.owner == owner)
         with self.session() as s:
-            return s.scalar(select(FileRow).where(FileRow.id == file_id))
+            return s.scalar(query)
 
-    def delete_file(self, file_id: str) -> bool:
+    def delete_file(self, file_id: str, owner: str | None = None) -> bool:
+        query = select(FileRow).where(FileRow.id == file_id)
+        if owner is not None:
+            query = query.where(FileRow.owner == owner)
         with self.session() as s:
-            row = s.scalar(select(FileRow).where(FileRow.id == file_id))
+            row = s.scalar(query)
             if row is None:
                 return False
             s.delete(row)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from ..errors import InputError
+from ..images import Pinned
 from .store import DeliveryRow, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,16 @@ def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
 class WebhookSender:
     """Queues, signs, throttles and delivers webhooks from background threads."""
 
-    def __init__(self, store: Store, secret: str, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
-        self.store, self.secret, self.retry_delays = store, secret, retry_delays
+    def __init__(
+        self,
+        store: Store,
+        secret: str,
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
+        guard: Callable[[str], Pinned] | None = None,
+    ) -> None:
+        """`guard` checks a receiver URL before each attempt (the SSRF rules image URLs follow) and pins it to
+        the checked address; it raises `InputError` to refuse."""
+        self.store, self.secret, self.retry_delays, self.guard = store, secret, retry_delays, guard
         self._heap: list[tuple[float, int, str, object]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
@@ -161,11 +171,18 @@ class WebhookSender:
             "webhook-signature": sign(self.secret, row.id, timestamp, row.body),
         }
         row.attempts += 1
+        url, extensions = row.url, {}
         try:
-            response = self._client.post(row.url, content=row.body.encode(), headers=headers)
+            if self.guard is not None:
+                pinned = self.guard(row.url)
+                url, extensions = pinned.url, {"sni_hostname": pinned.host}
+                headers["host"] = pinned.host_header
+            response = self._client.post(url, content=row.body.encode(), headers=headers, extensions=extensions)
             error = None if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
+        except InputError as exc:  # the receiver's address is refused (it may have changed since create)
+            error = exc.rule
         if error is None:
             self.store.update_delivery(row.id, state="delivered", attempts=row.attempts, last_error=None)
             return
@@ -188,4 +205,9 @@ class WebhookSender:
             )
             self._push(delay, "deliver", row)
         else:
+            if row.terminal:
+                log.error(
+                    "webhook %s for %s to %s: giving up after %d attempts", row.event, row.prediction_id,
+                    row.url, row.attempts,
+                )  # fmt: skip
             self.store.update_delivery(row.id, state="failed", attempts=row.attempts, last_error=error)

@@ -288,8 +288,13 @@ def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.E
     except I2VError as exc:
         send("failed", job.id, str(exc))
     except Exception as exc:  # a bug or a GPU fault: report it on the prediction, keep serving
-        log.error("prediction %s crashed:\n%s", job.id, traceback.format_exc())
-        send("failed", job.id, f"internal error: {type(exc).__name__}: {exc}")
+        if _out_of_memory(exc):
+            log.error("prediction %s ran out of GPU memory: %s", job.id, exc)
+            _free_gpu_memory()
+            send("failed", job.id, out_of_memory_advice(job.request))
+        else:
+            log.error("prediction %s crashed:\n%s", job.id, traceback.format_exc())
+            send("failed", job.id, f"internal error: {type(exc).__name__}: {exc}")
     else:
         info = {
             "seed": result.seed,
@@ -300,3 +305,34 @@ def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.E
             "fps": result.fps,
         }
         send("succeeded", job.id, time.perf_counter() - clock, info)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _free_gpu_memory() -> None:
+    """Drop the failed run's cached blocks so the next prediction starts from the resident weights alone."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_advice(request: dict[str, Any]) -> str:
+    """What to ask for instead when a prediction did not fit in GPU memory."""
+    smaller = []
+    if request.get("mode") == "pro":
+        smaller.append("mode standard (720p instead of 1080p)")
+    if str(request.get("duration")) == "10":
+        smaller.append("duration 5")
+    ask = "; ".join(smaller) if smaller else "a smaller request"
+    return (
+        f"out of GPU memory: use {ask}, or run the server on a GPU with more memory "
+        "(the worker is still up and serving)"
+    )
