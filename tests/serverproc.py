@@ -44,6 +44,10 @@ class ServerProcess:
             **os.environ,
             "I2V_API_TOKEN": f"other-token,{TOKEN}",
             "PYTHONUNBUFFERED": "1",
+            # per-token limits off unless a test sets them: the tests create predictions in bursts
+            "I2V_CREATE_RATE": "0",
+            "I2V_REQUEST_RATE": "0",
+            "I2V_MAX_UNFINISHED": "0",
             **(env or {}),
         }
         command = [

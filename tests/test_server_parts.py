@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import replicate
+from conftest import make_image
 
 from i2v.request import KlingRequest
 from i2v.server import cog_schema
@@ -178,7 +179,7 @@ def test_public_url_shapes_every_url_and_own_files_resolve_behind_it(tmp_path):
     client = TestClient(
         app, base_url="http://10.0.0.5:8000", headers={"authorization": "Bearer t"}
     )  # no lifespan
-    upload = client.post("/v1/files", files={"content": ("a.png", b"\x89PNG", "image/png")}).json()
+    upload = client.post("/v1/files", files={"content": ("a.png", make_image(400, 300), "image/png")}).json()
     assert upload["urls"]["get"] == f"{public}/v1/files/{upload['id']}"
     created = client.post(
         "/v1/models/kwaivgi/kling-v2.1/predictions",

@@ -27,6 +27,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..request import KlingRequest
 from . import web
 from .cog_schema import COG_VERSION, openapi_schema, version_id
 from .config import ServerConfig
@@ -220,7 +221,7 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
 
     # files
 
-    @api.post("/files", status_code=201)
+    @api.post("/files", status_code=201, openapi_extra=UPLOAD_BODY)
     async def upload_file(request: Request) -> dict[str, Any]:
         """Multipart: `content` (the file), optional `metadata` (JSON, as text or as a part: the JS client
         sends a Blob), `filename` and `type`."""
@@ -484,9 +485,33 @@ def _size(n: int) -> str:
     return f"{n // 2**20} MB" if n >= 2**20 else f"{n} bytes"
 
 
+def _create_schema() -> dict[str, Any]:
+    schema = CreatePrediction.model_json_schema()
+    schema["properties"]["input"] = KlingRequest.model_json_schema()
+    return schema
+
+
+# The create and upload routes read their bodies themselves (for Replicate's error shapes); these describe
+# the bodies in /openapi.json, for clients and for the schema-driven fuzzing in the tests.
 CREATE_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _create_schema()}}}
+}
+UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": CreatePrediction.model_json_schema()}},
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["content"],
+                    "properties": {
+                        "content": {"type": "string", "format": "binary"},
+                        "filename": {"type": "string"},
+                        "type": {"type": "string"},
+                        "metadata": {"type": "string", "description": "a JSON object"},
+                    },
+                }
+            }
+        },
     }
 }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .config import ConfigError, ServerConfig
 
+KEEP_ALIVE_S = 75
+
 
 def serve(
     *,
@@ -30,5 +32,14 @@ def serve(
     if config.no_auth:
         logging.getLogger(__name__).warning("serving WITHOUT authentication on %s", config.host)
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", proxy_headers=True)
+    # Keep idle connections longer than the usual 60 s of load balancers and client pools: a server that
+    # drops them first makes a client's next request on that connection fail with a reset.
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        proxy_headers=True,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
     return 0
