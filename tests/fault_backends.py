@@ -8,7 +8,7 @@ every fault:
                      GPU to fill; this is the exact exception type the pipeline would raise)
 - `fault:disk-full`  returns its frames with the process's file-size limit (RLIMIT_FSIZE) set to a few KB, so
                      writing the mp4 fails part-way with EFBIG, as a full disk fails with ENOSPC
-- `fault:slow`       takes about 0.3 s per step for 20 steps (long enough to kill or cancel it mid-run)
+- `fault:slow`       takes about 0.2 s per step for 20 steps (long enough to kill or cancel it mid-run)
 - anything else      returns black frames at once: the service is under test, not the model
 """
 
@@ -56,7 +56,7 @@ class FaultInjection(Backend):
                     "CUDA out of memory. Tried to allocate 18.00 GiB (fault injected by the test backend)"
                 )
             if "fault:slow" in prompt:
-                time.sleep(0.3)
+                time.sleep(0.2)
             on_step(step, steps)
         if "fault:disk-full" in prompt:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of dying

@@ -246,7 +246,14 @@ def test_worker_killed_mid_prediction_fails_it_and_the_queue_behind_runs(server)
         assert [d["status"] for d in done] == ["succeeded"] * 3, [d["error"] for d in done]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc")
 def test_server_killed_with_predictions_queued_runs_them_all_after_restart(tmp_path, _cache_dir):
+    """SIGKILL the server with a prediction running and nine queued; restart with I2V_RETRY_ON_RESTART=1.
+
+    The interrupted one runs again (attempt 2) and succeeds; the worker is then killed under a queued one
+    (attempt 1), which runs again too; every queued prediction ends succeeded. (Without the setting an
+    interrupted prediction fails: tests/test_server_lifecycle.py and the worker-kill test above.)
+    """
     data_dir = tmp_path / "data"
     first = fault_server(data_dir)
     try:
@@ -254,17 +261,20 @@ def test_server_killed_with_predictions_queued_runs_them_all_after_restart(tmp_p
         with first.http() as http:
             interrupted = create(http, "fault:slow").json()["id"]
             first.wait_for(interrupted, {"processing"}, timeout=30)
-            queued = [create(http).json()["id"] for _ in range(8)]
+            queued = [create(http, "fault:slow").json()["id"]] + [create(http).json()["id"] for _ in range(8)]
     finally:
         first.kill()  # SIGKILL: no goodbye, as if the machine lost power
-    second = fault_server(data_dir)
+    second = fault_server(data_dir, I2V_RETRY_ON_RESTART="1")
     try:
         second.wait_ready(timeout=120)
-        assert "worker process died" not in second.log_tail()
-        lost = second.wait_for(interrupted, TERMINAL, timeout=30)
-        assert lost["status"] == "failed" and "server stopped" in lost["error"]
+        again = second.wait_for(interrupted, TERMINAL, timeout=60)
+        assert again["status"] == "succeeded", again["error"]
+        assert "the server restarted while this prediction ran; running it again" in again["logs"]
+        second.wait_for(queued[0], {"processing"}, timeout=30)
+        os.kill(_worker_pid(second.process.pid), signal.SIGKILL)
         done = [second.wait_for(i, TERMINAL, timeout=120) for i in queued]
-        assert [d["status"] for d in done] == ["succeeded"] * 8
+        assert [d["status"] for d in done] == ["succeeded"] * 9, [d["error"] for d in done]
+        assert "the worker process died while this prediction ran; running it again" in done[0]["logs"]
         with second.http() as http:
             listed = {p["id"] for p in http.get("/v1/predictions").json()["results"]}
         assert listed == {interrupted, *queued}

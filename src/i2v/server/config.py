@@ -85,8 +85,8 @@ class ServerConfig:
     - public_url: the origin clients reach us at (`I2V_PUBLIC_URL`, e.g. https://video.example.com behind a
       reverse proxy); output and file URLs are built from it. Unset: taken from each request's Host.
     - retention: seconds after which outputs and inputs are deleted (`I2V_RETENTION`, e.g. 1h); None: kept.
-    - retry_on_restart: a prediction interrupted by a restart runs once more instead of failing
-      (`I2V_RETRY_ON_RESTART=1`).
+    - retry_on_restart: a prediction interrupted by a restart of the server or of its worker process runs
+      once more instead of failing (`I2V_RETRY_ON_RESTART=1`).
     - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); None lets the engine choose.
     - fetch_allow: hosts or networks image URLs may reach although private (`I2V_FETCH_ALLOW`).
     - max_body_bytes: largest request body outside the Files API (`I2V_MAX_BODY_BYTES`); 413 above it.

@@ -44,8 +44,11 @@ class Succeeded:
 
 @dataclass(frozen=True)
 class Failed:
+    """`worker_lost`: the worker died under the job (not the job's own error), so running it again may work."""
+
     id: str
     error: str
+    worker_lost: bool = False
 
 
 @dataclass(frozen=True)

@@ -187,8 +187,14 @@ class Service:
         )
         saved = [self._input_path(prediction_id, field) for field in images]
         try:
-            for path, data in zip(saved, images.values(), strict=True):
-                path.write_bytes(data)
+            try:
+                for path, data in zip(saved, images.values(), strict=True):
+                    path.write_bytes(data)
+            except OSError as exc:
+                log.error("cannot store the inputs of a new prediction: %s", exc)
+                raise APIError(
+                    507, "Insufficient storage", f"the server could not store the inputs ({exc.strerror})"
+                ) from None
             with self._create_lock:
                 limit = self.config.max_unfinished
                 if limit and self.store.count_unfinished(owner) >= limit:
@@ -408,9 +414,25 @@ class Service:
                 log_line=f"seed: {seed}" if seed is not None else None,
             )
         elif isinstance(event, Failed):
+            if event.worker_lost and self._run_again(event.id):
+                return
             self._finish(event.id, status=FAILED, error=event.error)
         elif isinstance(event, Canceled):
             self._finish(event.id, status=CANCELED)
+
+    def _run_again(self, prediction_id: str) -> bool:
+        """With `retry_on_restart`, a prediction whose worker died goes back to the queue's front, once."""
+        row = self.store.prediction(prediction_id)
+        if not self.config.retry_on_restart or row is None or row.attempts >= 2 or row.cancel_requested:
+            return False
+        line = "the worker process died while this prediction ran; running it again\n"
+        again = self.store.transition(
+            prediction_id, {RUNNING}, status=QUEUED, started_at=None, logs=row.logs + line
+        )
+        if again is not None:
+            log.warning("prediction %s: its worker died; running it again", prediction_id)
+            self._kick()
+        return again is not None
 
     def _finish(
         self, prediction_id: str, *, status: str, log_line: str | None = None, **changes: Any

@@ -127,7 +127,11 @@ class WorkerProcess:
         lost, code = self.current, self.process.exitcode
         if lost is not None:
             self._on_event(
-                Failed(lost, f"the worker process died (exit code {code}) while running this prediction")
+                Failed(
+                    lost,
+                    f"the worker process died (exit code {code}) while running this prediction",
+                    worker_lost=True,
+                )
             )
         if self.state == "STARTING":
             self._crashes += 1
