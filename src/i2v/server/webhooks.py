@@ -9,6 +9,7 @@ backoff (about a minute in all), across restarts too.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import heapq
 import hmac
@@ -73,6 +74,10 @@ class WebhookSender:
         self._flush_pending: set[str] = set()
         self._stopping = False
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+        # One prediction's webhooks go out one after another, in order: a receiver never sees a progress
+        # update arrive after the terminal one. Different predictions' webhooks go out side by side.
+        self._lines: dict[str, collections.deque[DeliveryRow]] = {}
+        self._lines_lock = threading.Lock()
         self._client = httpx.Client(
             timeout=TIMEOUT, follow_redirects=False, headers={"user-agent": "i2v-webhooks"}
         )
@@ -143,7 +148,30 @@ class WebhookSender:
             if kind == "flush":
                 self._flush(*payload)  # type: ignore[misc]
             else:
-                self._pool.submit(self._attempt, payload)
+                self._enqueue(payload)  # type: ignore[arg-type]
+
+    def _enqueue(self, row: DeliveryRow) -> None:
+        with self._lines_lock:
+            line = self._lines.setdefault(row.prediction_id, collections.deque())
+            line.append(row)
+            if len(line) > 1:
+                return  # the thread draining this prediction's line will get to it
+        self._pool.submit(self._drain, row.prediction_id)
+
+    def _drain(self, prediction_id: str) -> None:
+        while True:
+            with self._lines_lock:
+                row = self._lines[prediction_id][0]
+            try:
+                self._attempt(row)
+            except Exception:
+                log.exception("webhook delivery %s crashed", row.id)
+            with self._lines_lock:
+                line = self._lines[prediction_id]
+                line.popleft()
+                if not line:
+                    del self._lines[prediction_id]
+                    return
 
     def _flush(self, prediction_id: str, url: str, event: str, body: BodyFactory) -> None:
         with self._wake:
