@@ -86,9 +86,9 @@ class LTX2(Backend):
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
-        pipe = LTX2ConditionPipeline.from_pretrained(self.spec.source, torch_dtype=dtype)
+        pipe = LTX2ConditionPipeline.from_pretrained(self.spec.source, dtype=dtype)
         upsampler = LTX2LatentUpsamplerModel.from_pretrained(
-            self.spec.source, subfolder=UPSAMPLER_FOLDER, torch_dtype=dtype
+            self.spec.source, subfolder=UPSAMPLER_FOLDER, dtype=dtype
         )
         if not self.distilled:
             pipe.load_lora_weights(self.spec.source, weight_name=DISTILLED_LORA, adapter_name=STAGE2_ADAPTER)

@@ -19,7 +19,6 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     UMT5Config,
@@ -60,12 +59,12 @@ class WanFLF2V(Backend):
     def load(self) -> None:
         dtype = device_dtype(self.device)
         # The VAE and the CLIP image encoder stay float32, as in Wan's own inference code.
-        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", torch_dtype=torch.float32)
+        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", dtype=torch.float32)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            self.spec.source, subfolder="image_encoder", torch_dtype=torch.float32
+            self.spec.source, subfolder="image_encoder", dtype=torch.float32
         )
         pipe = FLF2VPipeline.from_pretrained(
-            self.spec.source, vae=vae, image_encoder=image_encoder, torch_dtype=dtype
+            self.spec.source, vae=vae, image_encoder=image_encoder, dtype=dtype
         )
         pipe.scheduler = UniPCMultistepScheduler.from_config(
             pipe.scheduler.config,
@@ -96,6 +95,9 @@ class WanFLF2V(Backend):
 
     @classmethod
     def build_tiny(cls, folder: Path) -> None:
+        # Imported here: naming CLIPImageProcessor makes transformers warn about torchvision at import time.
+        from transformers import CLIPImageProcessor
+
         torch.manual_seed(0)
         text_config = UMT5Config(
             vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
