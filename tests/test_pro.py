@@ -84,6 +84,27 @@ def test_end_image_conditions_the_clip(engine, images) -> None:
     assert np.abs(with_end - without).mean() > 1e-3  # so the difference is the end image's doing
 
 
+@pytest.mark.parametrize("duration", [5, 10])
+def test_end_image_sits_on_the_last_frame(engine, images, monkeypatch, duration) -> None:
+    """The end keyframe's temporal position is the clip's last frame (120/24 s), not diffusers' 113/24."""
+    from diffusers import LTX2ConditionPipeline
+
+    starts: list[float] = []
+    place = LTX2ConditionPipeline._prepare_keyframe_coords
+
+    def spy(self, *args, **kwargs):  # records what the pipeline hands the transformer, changes nothing
+        coords = place(self, *args, **kwargs)
+        starts.append(float(coords[0, 0, :, 0].min()))
+        return coords
+
+    monkeypatch.setattr(LTX2ConditionPipeline, "_prepare_keyframe_coords", spy)
+    request = KlingRequest(
+        mode="pro", prompt=PROMPT, start_image=images["16:9"], end_image=images["end"], duration=duration
+    )
+    engine.render(request)
+    assert starts and all(start == pytest.approx(duration) for start in starts)  # both stages
+
+
 def test_audio_true_muxes_aac_of_the_clip_length(engine, images, tmp_path) -> None:
     request = KlingRequest(mode="pro", prompt=PROMPT, start_image=images["16:9"], seed=3, audio=True)
     result = engine.generate(request, tmp_path / "sound.mp4")

@@ -51,6 +51,45 @@ STAGE2_ADAPTER = "stage_2_distilled"
 STG_BLOCK = 29
 
 
+class LTX2KeyframePipeline(LTX2ConditionPipeline):
+    """diffusers' condition pipeline, with an end image on the clip's last frame.
+
+    diffusers reads a condition's `index` as a latent index and places a keyframe at pixel frame
+    (index - 1) * 8 + 1, so the last latent of a 121-frame clip puts it at frame 113, 0.3 s early.
+    Lightricks' keyframe pipeline takes pixel frames, and an end frame is frame num_frames - 1 (120);
+    this places a single-image keyframe on the last latent there. Nothing else changes.
+    """
+
+    _last_frame: int | None = None
+
+    def __call__(self, *args: Any, num_frames: int, **kwargs: Any) -> Any:
+        self._last_frame = num_frames - 1
+        try:
+            return super().__call__(*args, num_frames=num_frames, **kwargs)
+        finally:
+            self._last_frame = None
+
+    def _prepare_keyframe_coords(
+        self,
+        keyframe_latent_num_frames: int,
+        keyframe_latent_height: int,
+        keyframe_latent_width: int,
+        pixel_frame_idx: int,
+        num_pixel_frames: int,
+        fps: float,
+        device: torch.device,
+    ) -> torch.Tensor:
+        ratio = self.vae_temporal_compression_ratio
+        if self._last_frame is not None and num_pixel_frames == 1:
+            last_latent = self._last_frame // ratio
+            if pixel_frame_idx == (last_latent - 1) * ratio + 1:
+                pixel_frame_idx = self._last_frame
+        return super()._prepare_keyframe_coords(
+            keyframe_latent_num_frames, keyframe_latent_height, keyframe_latent_width, pixel_frame_idx,
+            num_pixel_frames, fps, device,
+        )  # fmt: skip
+
+
 class LTX2(Backend):
     spec = BackendSpec(
         name="ltx-2",
@@ -86,7 +125,7 @@ class LTX2(Backend):
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
-        pipe = LTX2ConditionPipeline.from_pretrained(self.spec.source, dtype=dtype)
+        pipe = LTX2KeyframePipeline.from_pretrained(self.spec.source, dtype=dtype)
         upsampler = LTX2LatentUpsamplerModel.from_pretrained(
             self.spec.source, subfolder=UPSAMPLER_FOLDER, dtype=dtype
         )
