@@ -20,7 +20,7 @@ from diffusers import (
 )
 from transformers import (
     CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
+    CLIPVisionModel,
     UMT5Config,
     UMT5EncoderModel,
 )
@@ -60,7 +60,7 @@ class WanFLF2V(Backend):
         dtype = device_dtype(self.device)
         # The VAE and the CLIP image encoder stay float32, as in Wan's own inference code.
         vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", dtype=torch.float32)
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        image_encoder = CLIPVisionModel.from_pretrained(
             self.spec.source, subfolder="image_encoder", dtype=torch.float32
         )
         pipe = FLF2VPipeline.from_pretrained(
@@ -114,9 +114,9 @@ class WanFLF2V(Backend):
             qk_norm="rms_norm_across_heads", rope_max_seq_len=1024, image_dim=4,
             pos_embed_seq_len=2 * (4 * 4 + 1),
         )  # fmt: skip
-        image_encoder = CLIPVisionModelWithProjection(
+        image_encoder = CLIPVisionModel(
             CLIPVisionConfig(
-                hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=4,
+                hidden_size=4, num_hidden_layers=2, num_attention_heads=2, image_size=4,
                 intermediate_size=16, patch_size=1,
             )
         )  # fmt: skip
