@@ -110,8 +110,8 @@ class LTX2(Backend):
     def __init__(self, spec: BackendSpec, device: torch.device) -> None:
         super().__init__(spec, device)
         self.upsampler: Any = None
-        self.stage1_scheduler: Any = None
-        self.refine_scheduler: Any = None
+        self.shifted_scheduler: Any = None
+        self.fixed_scheduler: Any = None
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The refined (stage 2) size: twice the stage-1 size, which covers half the output on the 32 px grid.
@@ -136,10 +136,11 @@ class LTX2(Backend):
         self.pipe = pipe.to(self.device)
         self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler).to(self.device)
         self.upsampler.set_progress_bar_config(disable=True)
-        # The refine stage runs the distilled sigmas as they are: no dynamic or terminal shift.
-        self.stage1_scheduler = pipe.scheduler
-        self.refine_scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
+        # The base model's 40 steps take the dynamic shift of its scheduler config; distilled sigma lists
+        # (stage 1 of the distilled checkpoint, every refine stage) run as given, with no shift.
+        self.shifted_scheduler = pipe.scheduler
+        self.fixed_scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None, shift=1.0
         )
 
     def _stage1_settings(self) -> dict[str, Any]:
@@ -175,7 +176,7 @@ class LTX2(Backend):
 
         if not self.distilled:
             pipe.disable_lora()
-        pipe.scheduler = self.stage1_scheduler
+        pipe.scheduler = self.fixed_scheduler if self.distilled else self.shifted_scheduler
         video_latents, audio_latents = pipe(
             **common,
             width=inputs.width // 2,
@@ -188,7 +189,7 @@ class LTX2(Backend):
         if not self.distilled:
             pipe.enable_lora()
             pipe.set_adapters(STAGE2_ADAPTER, 1.0)
-        pipe.scheduler = self.refine_scheduler
+        pipe.scheduler = self.fixed_scheduler
         offset = stage1["num_inference_steps"]
         video_latents, audio_latents = pipe(
             **common,
