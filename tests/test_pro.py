@@ -22,6 +22,7 @@ from i2v.errors import InputError
 from i2v.request import KlingRequest
 from i2v.retime import retime
 from i2v.settings import DEFAULT_MODELS, Settings
+from i2v.video import write_mp4
 
 PROMPT = "a boat moves slowly over the sea under a bright sun"
 
@@ -199,3 +200,15 @@ def test_cli_refuses_end_image_in_standard_mode(images, tmp_path) -> None:
     assert done.returncode == 2
     assert "end_image" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_write_mp4_fits_the_soundtrack_to_the_video(tmp_path) -> None:
+    """A mono track shorter than the clip is padded with silence; a longer one is cut."""
+    frames = [np.full((64, 96, 3), 8 * i, np.uint8) for i in range(25)]
+    tracks = {"short": np.full(4000, 0.2, np.float32), "long": np.zeros((2, 96000), np.float32)}
+    for name, samples in tracks.items():
+        path = write_mp4(frames, tmp_path / f"{name}.mp4", size=(96, 64), fps=24, audio=(samples, 24000))
+        with av.open(str(path)) as container:
+            audio = container.streams.audio[0]
+            assert abs(float(audio.duration * audio.time_base) - 25 / 24) <= 1024 / 24000
+            assert audio.codec_context.layout.nb_channels == samples.ndim

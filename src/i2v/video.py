@@ -54,8 +54,8 @@ def write_mp4(
                 out.mux(stream.encode(frame))
                 count += 1
             out.mux(stream.encode(None))
-            if sound is not None:
-                _mux_aac(out, sound, *audio, seconds=count / fps)  # type: ignore[misc]
+            if sound is not None and audio is not None:
+                _mux_aac(out, sound, audio, seconds=count / fps)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -71,11 +71,14 @@ def _add_aac(out: av.container.OutputContainer, audio: tuple[np.ndarray, int]) -
 
 
 def _mux_aac(
-    out: av.container.OutputContainer, stream: av.audio.stream.AudioStream, samples: np.ndarray, rate: int, *,
+    out: av.container.OutputContainer,
+    stream: av.audio.stream.AudioStream,
+    audio: tuple[np.ndarray, int],
+    *,
     seconds: float,
 ) -> None:
     """Encode the soundtrack, trimmed or padded with silence to `seconds`, the video's length."""
-    samples = np.atleast_2d(np.asarray(samples, dtype=np.float32))
+    samples, rate = np.atleast_2d(np.asarray(audio[0], dtype=np.float32)), audio[1]
     channels = stream.layout.nb_channels
     length = round(seconds * rate)
     fitted = np.zeros((channels, length), dtype=np.float32)
