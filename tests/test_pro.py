@@ -18,7 +18,6 @@ from pydantic import ValidationError
 
 from i2v.backends.ltx2 import LTX2
 from i2v.engine import Engine
-from i2v.errors import InputError
 from i2v.request import KlingRequest
 from i2v.retime import retime
 from i2v.settings import DEFAULT_MODELS, Settings
@@ -125,17 +124,6 @@ def test_end_image_with_standard_mode_is_refused(images) -> None:
         KlingRequest(prompt=PROMPT, start_image=images["16:9"], end_image=images["end"])
     assert error.value.errors()[0]["loc"] == ("end_image",)
     assert "pro" in str(error.value)
-
-
-def test_backend_without_end_frames_refuses_one(images) -> None:
-    """TI2V-5B would drop `last_image` silently; configured for pro it refuses the field instead."""
-    settings = Settings(models={**DEFAULT_MODELS, "pro": "wan2.2-ti2v-5b"})
-    engine = Engine("tiny", device="cpu", settings=settings)
-    request = KlingRequest(mode="pro", prompt=PROMPT, start_image=images["16:9"], end_image=images["end"])
-    with pytest.raises(InputError) as error:
-        engine.render(request)
-    assert error.value.field == "end_image"
-    assert "cannot take an end frame" in error.value.rule
 
 
 def test_wan_keyframe_backend_is_retimed_from_16_to_24_fps(images, tmp_path) -> None:

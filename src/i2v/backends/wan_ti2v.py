@@ -34,7 +34,7 @@ class WanTI2V(Backend):
         steps=50,
         guidance=5.0,
         shift=5.0,
-        modes=("standard", "pro"),  # pro only when configured: it refuses end frames, upscales 720p
+        modes=("standard",),
     )
     tiny_grid = Grid(max_area=256 * 256, multiple=32)
 
