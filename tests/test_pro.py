@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from i2v.backends.ltx2 import LTX2
 from i2v.engine import Engine
+from i2v.progress import Progress
 from i2v.request import KlingRequest
 from i2v.retime import retime
 from i2v.settings import DEFAULT_MODELS, Settings
@@ -48,7 +49,9 @@ def images(image_file) -> Iterator[dict[str, Path]]:
         ("16:9", 5, (1920, 1080)),
         ("9:16", 5, (1080, 1920)),
         ("1:1", 5, (1080, 1080)),
-        ("16:9", 10, (1920, 1080)),  # 10 s once: the frame count is the only difference, and CI time counts
+        ("16:9", 10, (1920, 1080)),
+        ("9:16", 10, (1080, 1920)),
+        ("1:1", 10, (1080, 1080)),
     ],
 )
 def test_pro_clip_is_exact_1080p_24fps(engine, images, tmp_path, aspect, duration, size) -> None:
@@ -107,7 +110,11 @@ def test_end_image_sits_on_the_last_frame(engine, images, monkeypatch, duration)
 
 def test_audio_true_muxes_aac_of_the_clip_length(engine, images, tmp_path) -> None:
     request = KlingRequest(mode="pro", prompt=PROMPT, start_image=images["16:9"], seed=3, audio=True)
-    result = engine.generate(request, tmp_path / "sound.mp4")
+    seen: list[Progress] = []
+    result = engine.generate(request, tmp_path / "sound.mp4", on_progress=seen.append)
+    # Both stages count on one scale: stage 1 then the 3 refine steps, ending on the announced total.
+    steps = [(p.step, p.total) for p in seen if p.stage == "denoising"]
+    assert len({total for _, total in steps}) == 1 and steps[-1][0] == steps[-1][1] == len(steps) - 1
     info = probe(result.path)
     assert info["audio"] == ["aac"] and info["frames"] == 121
     with av.open(str(result.path)) as container:

@@ -146,7 +146,7 @@ class Engine:
                 report("decoding")
 
         clock = time.perf_counter()
-        report("denoising", 0, spec.steps)
+        report("denoising", 0, backend.total_steps())
         with torch.inference_mode():
             clip = backend.generate(inputs, on_step)
         timings["generate"] = time.perf_counter() - clock

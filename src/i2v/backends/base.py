@@ -99,6 +99,10 @@ class Backend(ABC):
         """The (width, height) to generate at for an exact output size; the engine fits the images to it."""
         return self.spec.grid.size_for(output_size[0] / output_size[1])
 
+    def total_steps(self) -> int:
+        """Denoising steps one generation reports, all stages together."""
+        return self.spec.steps
+
     @abstractmethod
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
         """Run the pipeline; frames come back at the model's native fps and grid size."""

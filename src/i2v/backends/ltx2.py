@@ -154,6 +154,9 @@ class LTX2(Backend):
             "spatio_temporal_guidance_blocks": [stg_block],
         }
 
+    def total_steps(self) -> int:
+        return self._stage1_settings()["num_inference_steps"] + len(STAGE_2_DISTILLED_SIGMA_VALUES)
+
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
         pipe = self.pipe
         generator = inputs.generator()
@@ -161,7 +164,7 @@ class LTX2(Backend):
         if inputs.end_image is not None:
             conditions.append(LTX2VideoCondition(frames=inputs.end_image, index=-1))
         stage1 = self._stage1_settings()
-        total = stage1["num_inference_steps"] + len(STAGE_2_DISTILLED_SIGMA_VALUES)
+        total = self.total_steps()
         common = {
             "conditions": conditions,
             "prompt": inputs.prompt,
