@@ -23,6 +23,7 @@ from .geometry import fit_image, output_size
 from .images import ImageLoader
 from .progress import ProgressCallback, Reporter
 from .request import FPS, KlingRequest
+from .retime import retime
 from .settings import Settings
 from .video import to_uint8, write_mp4
 
@@ -126,7 +127,7 @@ class Engine:
             raise InputError("end_image", f"model {spec.name} cannot take an end frame; configure a keyframe model")
         timings["load"] = time.perf_counter() - clock
 
-        width, height = spec.grid.size_for(size[0] / size[1])
+        width, height = backend.model_size(size)
         inputs = ModelInputs(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -145,7 +146,7 @@ class Engine:
                 report("decoding")
 
         clock = time.perf_counter()
-        report("denoising", 0, spec.steps)
+        report("denoising", 0, backend.total_steps())
         with torch.inference_mode():
             clip = backend.generate(inputs, on_step)
         timings["generate"] = time.perf_counter() - clock
@@ -164,9 +165,12 @@ class Engine:
         timings: dict[str, float] = {}
         rendered = self.render(request, on_progress=on_progress, cancel=cancel, timings=timings)
         clip, inputs, spec = rendered.clip, rendered.inputs, rendered.backend.spec
-        if clip.fps != FPS:
-            raise ModelUnavailable(f"model {spec.name} renders {clip.fps} fps and no retiming to {FPS} fps is set up")
         frames = to_uint8(clip.frames) if clip.frames.dtype != "uint8" else clip.frames
+        if clip.fps != FPS:
+            Reporter(on_progress, cancel)("retiming")
+            clock = time.perf_counter()
+            frames = retime(frames, clip.fps, FPS, request.num_frames)
+            timings["retime"] = time.perf_counter() - clock
         if len(frames) != request.num_frames:
             raise RuntimeError(f"{spec.name} returned {len(frames)} frames, expected {request.num_frames}")
 
@@ -192,6 +196,7 @@ class Engine:
                 metadata=metadata,
                 preset=self.settings.x264_preset,
                 crf=self.settings.x264_crf,
+                audio=clip.audio if request.audio else None,
             )
         except OSError as exc:  # write_mp4 leaves no partial file behind
             reason = exc.strerror or str(exc)

@@ -95,6 +95,14 @@ class Backend(ABC):
     def load(self) -> None:
         """Load the weights with `from_pretrained(self.spec.source)` onto `self.device`; called once."""
 
+    def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) to generate at for an exact output size; the engine fits the images to it."""
+        return self.spec.grid.size_for(output_size[0] / output_size[1])
+
+    def total_steps(self) -> int:
+        """Denoising steps one generation reports, all stages together."""
+        return self.spec.steps
+
     @abstractmethod
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
         """Run the pipeline; frames come back at the model's native fps and grid size."""

@@ -1,0 +1,338 @@
+"""LTX-2: the pro-mode (1080p, 24 fps) keyframe model, with its soundtrack on request.
+
+How a clip is made, the way Lightricks' two-stage pipeline makes it:
+
+    stage 1  LTX2ConditionPipeline at half size (sides multiples of 32), start image pinned at latent 0,
+             end image as a keyframe at the last latent index; CFG + STG + modality guidance
+    upsample LTX2LatentUpsamplePipeline: 2x in latent space (no decode in between)
+    refine   stage 2 at full size on the upsampled latents, distilled sigmas, guidance 1.0
+    decode   the video VAE (tiled); the audio VAE and vocoder only when the request asks for audio
+
+The engine then crops and scales the frames to the exact output (1920x1088 -> 1920x1080).
+
+Two registered names: `ltx-2` (Lightricks/LTX-2, the base model: 40 steps with guidance at stage 1 and
+the distilled LoRA for stage 2) and `ltx-2-distilled` (a distilled checkpoint: 8 fixed sigmas without
+guidance at stage 1, the same stage 2 without a LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKLLTX2Audio,
+    AutoencoderKLLTX2Video,
+    FlowMatchEulerDiscreteScheduler,
+    LTX2ConditionPipeline,
+    LTX2LatentUpsamplePipeline,
+    LTX2VideoTransformer3DModel,
+)
+from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+from safetensors.torch import save_file
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
+
+from ..geometry import Grid
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+
+UPSAMPLER_FOLDER = "latent_upsampler"
+# Lightricks' LoRA that turns the base model into the distilled one for the refine stage.
+DISTILLED_LORA = "ltx-2-19b-distilled-lora-384.safetensors"
+STAGE2_ADAPTER = "stage_2_distilled"
+# LTX-2.0 applies spatio-temporal guidance at block 29 (diffusers' default, 28, is LTX-2.3's).
+STG_BLOCK = 29
+
+
+class LTX2KeyframePipeline(LTX2ConditionPipeline):
+    """diffusers' condition pipeline, with an end image on the clip's last frame.
+
+    diffusers reads a condition's `index` as a latent index and places a keyframe at pixel frame
+    (index - 1) * 8 + 1, so the last latent of a 121-frame clip puts it at frame 113, 0.3 s early.
+    Lightricks' keyframe pipeline takes pixel frames, and an end frame is frame num_frames - 1 (120);
+    this places a single-image keyframe on the last latent there. Nothing else changes.
+    """
+
+    _last_frame: int | None = None
+
+    def __call__(self, *args: Any, num_frames: int, **kwargs: Any) -> Any:
+        self._last_frame = num_frames - 1
+        try:
+            return super().__call__(*args, num_frames=num_frames, **kwargs)
+        finally:
+            self._last_frame = None
+
+    def _prepare_keyframe_coords(
+        self,
+        keyframe_latent_num_frames: int,
+        keyframe_latent_height: int,
+        keyframe_latent_width: int,
+        pixel_frame_idx: int,
+        num_pixel_frames: int,
+        fps: float,
+        device: torch.device,
+    ) -> torch.Tensor:
+        ratio = self.vae_temporal_compression_ratio
+        if self._last_frame is not None and num_pixel_frames == 1:
+            last_latent = self._last_frame // ratio
+            if pixel_frame_idx == (last_latent - 1) * ratio + 1:
+                pixel_frame_idx = self._last_frame
+        return super()._prepare_keyframe_coords(
+            keyframe_latent_num_frames, keyframe_latent_height, keyframe_latent_width, pixel_frame_idx,
+            num_pixel_frames, fps, device,
+        )  # fmt: skip
+
+
+class LTX2(Backend):
+    spec = BackendSpec(
+        name="ltx-2",
+        source="Lightricks/LTX-2",
+        fps=24,
+        # Stage 1 sizes: 960x544 is 1080p halved (540 up to the 32 px grid); the refine stage doubles it.
+        grid=Grid(max_area=960 * 544, multiple=32),
+        frame_multiple=8,
+        takes_end_frame=True,
+        steps=40,
+        guidance=4.0,
+        shift=None,  # the scheduler's dynamic shift from the token count, as the model was trained
+        modes=("pro",),
+    )
+    tiny_grid = Grid(max_area=64 * 64, multiple=32)
+    distilled: ClassVar[bool] = False
+
+    def __init__(self, spec: BackendSpec, device: torch.device) -> None:
+        super().__init__(spec, device)
+        self.upsampler: Any = None
+        self.shifted_scheduler: Any = None
+        self.fixed_scheduler: Any = None
+
+    def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
+        """The refined (stage 2) size: twice the stage-1 size, which covers half the output on the 32 px grid.
+
+        Stage 1 is scaled down to the grid's area when half the output is larger (the tiny twin).
+        """
+        half_w, half_h = output_size[0] / 2, output_size[1] / 2
+        scale = min(1.0, math.sqrt(self.spec.grid.max_area / (half_w * half_h)))
+        m = self.spec.grid.multiple
+        return 2 * m * math.ceil(half_w * scale / m), 2 * m * math.ceil(half_h * scale / m)
+
+    def load(self) -> None:
+        dtype = device_dtype(self.device)
+        pipe = LTX2KeyframePipeline.from_pretrained(self.spec.source, dtype=dtype)
+        upsampler = LTX2LatentUpsamplerModel.from_pretrained(
+            self.spec.source, subfolder=UPSAMPLER_FOLDER, dtype=dtype
+        )
+        if not self.distilled:
+            pipe.load_lora_weights(self.spec.source, weight_name=DISTILLED_LORA, adapter_name=STAGE2_ADAPTER)
+        pipe.vae.enable_tiling()  # 1920x1088x241 does not decode in one piece on one GPU
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler).to(self.device)
+        self.upsampler.set_progress_bar_config(disable=True)
+        # The base model's 40 steps take the dynamic shift of its scheduler config; distilled sigma lists
+        # (stage 1 of the distilled checkpoint, every refine stage) run as given, with no shift.
+        self.shifted_scheduler = pipe.scheduler
+        self.fixed_scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None, shift=1.0
+        )
+
+    def _stage1_settings(self) -> dict[str, Any]:
+        if self.distilled:  # the checkpoint was distilled to exactly these 8 sigmas
+            steps = len(DISTILLED_SIGMA_VALUES)
+            return {"num_inference_steps": steps, "sigmas": DISTILLED_SIGMA_VALUES, **_NO_GUIDANCE}
+        stg_block = min(STG_BLOCK, self.pipe.transformer.config.num_layers - 1)
+        return {
+            "num_inference_steps": self.spec.steps,
+            "guidance_scale": self.spec.guidance,
+            "spatio_temporal_guidance_blocks": [stg_block],
+        }
+
+    def total_steps(self) -> int:
+        return self._stage1_settings()["num_inference_steps"] + len(STAGE_2_DISTILLED_SIGMA_VALUES)
+
+    def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
+        pipe = self.pipe
+        generator = inputs.generator()
+        conditions = [LTX2VideoCondition(frames=inputs.image, index=0)]
+        if inputs.end_image is not None:
+            conditions.append(LTX2VideoCondition(frames=inputs.end_image, index=-1))
+        stage1 = self._stage1_settings()
+        total = self.total_steps()
+        common = {
+            "conditions": conditions,
+            "prompt": inputs.prompt,
+            "negative_prompt": inputs.negative_prompt,
+            "num_frames": inputs.num_frames,
+            "frame_rate": float(self.spec.fps),
+            "generator": generator,
+            "use_cross_timestep": False,  # LTX-2.0 modulates cross-attention with its own modality's sigma
+            "output_type": "latent",
+            "return_dict": False,
+        }
+
+        if not self.distilled:
+            pipe.disable_lora()
+        pipe.scheduler = self.fixed_scheduler if self.distilled else self.shifted_scheduler
+        video_latents, audio_latents = pipe(
+            **common,
+            width=inputs.width // 2,
+            height=inputs.height // 2,
+            callback_on_step_end=self.step_callback(on_step, total),
+            **stage1,
+        )
+        video_latents = self.upsampler(latents=video_latents, output_type="latent", return_dict=False)[0]
+
+        if not self.distilled:
+            pipe.enable_lora()
+            pipe.set_adapters(STAGE2_ADAPTER, 1.0)
+        pipe.scheduler = self.fixed_scheduler
+        offset = stage1["num_inference_steps"]
+        video_latents, audio_latents = pipe(
+            **common,
+            width=inputs.width,
+            height=inputs.height,
+            latents=video_latents,
+            audio_latents=audio_latents,
+            num_inference_steps=len(STAGE_2_DISTILLED_SIGMA_VALUES),
+            sigmas=STAGE_2_DISTILLED_SIGMA_VALUES,
+            noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0],  # re-noise the upsampled latents to sigma 0
+            callback_on_step_end=self.step_callback(lambda step, _: on_step(offset + step, total), total),
+            **_NO_GUIDANCE,
+        )
+        frames = self._decode_video(video_latents)
+        audio = self._decode_audio(audio_latents) if inputs.audio else None
+        return Clip(frames=frames, fps=self.spec.fps, audio=audio)
+
+    def _decode_video(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        # LTX-2's VAE decodes at timestep 0 when it is timestep-conditioned (the pipeline's default).
+        conditioned = vae.config.timestep_conditioning
+        timestep = torch.zeros(latents.shape[0], device=latents.device) if conditioned else None
+        video = vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
+        return self.pipe.video_processor.postprocess_video(video, output_type="np")[0]
+
+    def _decode_audio(self, latents: torch.Tensor) -> tuple[np.ndarray, int]:
+        mel = self.pipe.audio_vae.decode(latents.to(self.pipe.audio_vae.dtype), return_dict=False)[0]
+        waveform = self.pipe.vocoder(mel.to(self.pipe.vocoder.dtype))[0]
+        return waveform.float().cpu().numpy(), int(self.pipe.vocoder.config.output_sampling_rate)
+
+    @classmethod
+    def build_tiny(cls, folder: Path) -> None:
+        """A tiny LTX-2 with the real one's layout: pipeline, `latent_upsampler/`, and the stage-2 LoRA."""
+        torch.manual_seed(0)
+        text_encoder = Gemma3ForConditionalGeneration(
+            Gemma3Config(
+                text_config={
+                    "vocab_size": len(_tiny_vocab()), "hidden_size": 32, "intermediate_size": 64,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                    "max_position_embeddings": 2048, "sliding_window": 64,
+                },
+                vision_config={
+                    "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                },
+                mm_tokens_per_image=4, image_token_index=len(_tiny_vocab()) - 1,
+                boi_token_index=len(_tiny_vocab()) - 3, eoi_token_index=len(_tiny_vocab()) - 2,
+            )
+        )  # fmt: skip
+        text = text_encoder.config.text_config
+        transformer = LTX2VideoTransformer3DModel(
+            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+            attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+            num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=text.hidden_size,
+            rope_double_precision=False, rope_type="split",
+        )  # fmt: skip
+        connectors = LTX2TextConnectors(
+            caption_channels=text.hidden_size, text_proj_in_factor=text.num_hidden_layers + 1,
+            video_connector_num_attention_heads=4, video_connector_attention_head_dim=8,
+            video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+            audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8,
+            audio_connector_num_layers=1, audio_connector_num_learnable_registers=None,
+            connector_rope_base_seq_len=32, rope_theta=10000.0, rope_double_precision=False,
+            causal_temporal_positioning=False, rope_type="split",
+        )  # fmt: skip
+        # The real VAE's compression (32x spatial, 8x temporal) with a few channels, so latents stay small.
+        vae = AutoencoderKLLTX2Video(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+            decoder_block_out_channels=(8, 16, 32), layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True,) * 4,
+            decoder_spatio_temporal_scaling=(True,) * 3, decoder_inject_noise=(False,) * 4,
+            downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+            upsample_type=("spatiotemporal",) * 3, upsample_residual=(True,) * 3, upsample_factor=(2, 2, 2),
+            timestep_conditioning=False, patch_size=4, patch_size_t=1, encoder_causal=True,
+            decoder_causal=False, spatial_compression_ratio=32, temporal_compression_ratio=8,
+        )  # fmt: skip
+        audio_vae = AutoencoderKLLTX2Audio(
+            base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None,
+            in_channels=2, resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height",
+            dropout=0.0, mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True,
+            mel_bins=8,
+        )  # fmt: skip
+        vocoder = LTX2Vocoder(
+            in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[20, 8, 8],
+            upsample_factors=[10, 4, 4], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+            leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+        )  # fmt: skip
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+            max_image_seq_len=4096, shift_terminal=0.1,
+        )  # fmt: skip
+        tokenizer = GemmaTokenizer(vocab=_tiny_vocab(), merges=[])
+        tokenizer.model_max_length = 1024
+        pipe = LTX2ConditionPipeline(
+            scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=text_encoder, tokenizer=tokenizer,
+            connectors=connectors, transformer=transformer, vocoder=vocoder,
+        )  # fmt: skip
+        pipe.save_pretrained(folder)
+        LTX2LatentUpsamplerModel(in_channels=4, mid_channels=32, num_blocks_per_stage=1).save_pretrained(
+            folder / UPSAMPLER_FOLDER
+        )
+        save_file(_tiny_lora(transformer), str(folder / DISTILLED_LORA))
+
+
+_NO_GUIDANCE: dict[str, Any] = {
+    # Distilled sampling: one forward per step, no CFG, STG or modality guidance for video or audio.
+    "guidance_scale": 1.0,
+    "audio_guidance_scale": 1.0,
+    "stg_scale": 0.0,
+    "audio_stg_scale": 0.0,
+    "modality_scale": 1.0,
+    "audio_modality_scale": 1.0,
+}
+
+
+class LTX2Distilled(LTX2):
+    spec = dataclasses.replace(
+        LTX2.spec, name="ltx-2-distilled", source="rootonchair/LTX-2-19b-distilled", steps=8, guidance=1.0
+    )
+    tiny_steps = 8  # the distilled schedule is a fixed list of 8 sigmas
+    distilled = True
+
+
+def _tiny_vocab() -> dict[str, int]:
+    """Gemma's special tokens, its 256 byte-fallback tokens, printable ASCII and the image markers."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁"]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [chr(c) for c in range(33, 127)]
+    tokens += ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _tiny_lora(transformer: LTX2VideoTransformer3DModel, rank: int = 2) -> dict[str, torch.Tensor]:
+    """A rank-2 LoRA on the video attention projections, in diffusers' key layout, like the distilled LoRA."""
+    tensors = {}
+    for index, block in enumerate(transformer.transformer_blocks):
+        for name in ("to_q", "to_k", "to_v"):
+            layer = block.attn1.__getattr__(name)
+            prefix = f"transformer.transformer_blocks.{index}.attn1.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, layer.in_features) * 0.02
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(layer.out_features, rank) * 0.02
+    return tensors

@@ -1,0 +1,134 @@
+"""Wan2.1 FLF2V-14B: the Wan-family first-and-last-frame model, an alternative for pro mode.
+
+It was trained for exactly this input: the VAE latents of the start image (frame 0) and the end image
+(last frame) with zeros between are concatenated to the noise with a mask, and the CLIP ViT-H embeddings
+of both images go in through cross-attention. It renders 720p at 16 fps, so the engine retimes its
+81/161 frames to 121/241 at 24 fps (see `i2v.retime`) and the writer scales them to the exact output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from ..geometry import Grid
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .tiny_parts import word_level_tokenizer
+
+
+class FLF2VPipeline(WanImageToVideoPipeline):
+    """The diffusers pipeline, for a start image alone too.
+
+    FLF2V's transformer always reads the CLIP tokens of two images. Without an end frame the start image is
+    encoded twice, and only frame 0 is pinned in the latent conditioning, so the clip ends where it goes.
+    """
+
+    def encode_image(self, image: Any, device: torch.device | None = None) -> torch.Tensor:
+        return super().encode_image(image if isinstance(image, list) else [image, image], device)
+
+
+class WanFLF2V(Backend):
+    spec = BackendSpec(
+        name="wan2.1-flf2v-14b",
+        source="Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers",
+        fps=16,
+        grid=Grid(max_area=1280 * 720, multiple=16),  # the Wan2.1 VAE (8x) and the 2x2 patch
+        frame_multiple=4,
+        takes_end_frame=True,
+        steps=50,
+        guidance=5.5,
+        shift=16.0,  # FLF2V's sampling shift from the Wan2.1 repository
+        modes=("standard", "pro"),
+    )
+    tiny_grid = Grid(max_area=64 * 64, multiple=16)
+
+    def load(self) -> None:
+        dtype = device_dtype(self.device)
+        # The VAE and the CLIP image encoder stay float32, as in Wan's own inference code.
+        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", dtype=torch.float32)
+        image_encoder = CLIPVisionModel.from_pretrained(
+            self.spec.source, subfolder="image_encoder", dtype=torch.float32
+        )
+        pipe = FLF2VPipeline.from_pretrained(
+            self.spec.source, vae=vae, image_encoder=image_encoder, dtype=dtype
+        )
+        pipe.scheduler = UniPCMultistepScheduler.from_config(
+            pipe.scheduler.config,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=self.spec.shift,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+
+    def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
+        steps = self.spec.steps
+        result = self.pipe(
+            image=inputs.image,
+            last_image=inputs.end_image,
+            prompt=inputs.prompt,
+            negative_prompt=inputs.negative_prompt,
+            height=inputs.height,
+            width=inputs.width,
+            num_frames=inputs.num_frames,
+            num_inference_steps=steps,
+            guidance_scale=self.spec.guidance,
+            generator=inputs.generator(),
+            output_type="np",
+            callback_on_step_end=self.step_callback(on_step, steps),
+        )
+        return Clip(frames=result.frames[0], fps=self.spec.fps)
+
+    @classmethod
+    def build_tiny(cls, folder: Path) -> None:
+        # Imported here: naming CLIPImageProcessor makes transformers warn about torchvision at import time.
+        from transformers import CLIPImageProcessor
+
+        torch.manual_seed(0)
+        text_config = UMT5Config(
+            vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )  # fmt: skip
+        # FLF2V: CLIP tokens of two 4x4-patch images (16 + class token each) get learned positions.
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36,
+            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=1024, image_dim=4,
+            pos_embed_seq_len=2 * (4 * 4 + 1),
+        )  # fmt: skip
+        image_encoder = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=4, num_hidden_layers=2, num_attention_heads=2, image_size=4,
+                intermediate_size=16, patch_size=1,
+            )
+        )  # fmt: skip
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=16.0
+        )
+        WanImageToVideoPipeline(
+            tokenizer=word_level_tokenizer(text_config.vocab_size),
+            text_encoder=UMT5EncoderModel(text_config),
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            image_processor=CLIPImageProcessor(crop_size=4, size=4),
+        ).save_pretrained(folder)
