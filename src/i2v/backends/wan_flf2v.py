@@ -18,16 +18,11 @@ from diffusers import (
     WanImageToVideoPipeline,
     WanTransformer3DModel,
 )
-from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    UMT5Config,
-    UMT5EncoderModel,
-)
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..geometry import Grid
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
-from .tiny_parts import word_level_tokenizer
+from .tiny_parts import tiny_umt5
 
 
 class FLF2VPipeline(WanImageToVideoPipeline):
@@ -99,10 +94,7 @@ class WanFLF2V(Backend):
         from transformers import CLIPImageProcessor
 
         torch.manual_seed(0)
-        text_config = UMT5Config(
-            vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-        )  # fmt: skip
+        text_encoder, tokenizer = tiny_umt5()
         vae = AutoencoderKLWan(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
             temperal_downsample=[False, True, True],
@@ -124,8 +116,8 @@ class WanFLF2V(Backend):
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=16.0
         )
         WanImageToVideoPipeline(
-            tokenizer=word_level_tokenizer(text_config.vocab_size),
-            text_encoder=UMT5EncoderModel(text_config),
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
             vae=vae,
             transformer=transformer,
             scheduler=scheduler,
