@@ -167,6 +167,7 @@ class Service:
         if webhook:
             self._check_webhook(webhook)
         self.check_rate(self.create_limit, owner, "predictions")
+        self._check_unfinished(owner)  # before fetching images; again, exactly, when the row goes in
         images = self._read_images(body.input, base, owner)
         prediction_id = new_id()
         row = PredictionRow(
@@ -196,14 +197,7 @@ class Service:
                     507, "Insufficient storage", f"the server could not store the inputs ({exc.strerror})"
                 ) from None
             with self._create_lock:
-                limit = self.config.max_unfinished
-                if limit and self.store.count_unfinished(owner) >= limit:
-                    raise APIError(
-                        429,
-                        "Too many predictions",
-                        f"this token already has {limit} predictions waiting or running, the most it may; "
-                        "wait for some to finish (or cancel them) before creating more",
-                    )
+                self._check_unfinished(owner)
                 self.store.add(row)
         except BaseException:
             for path in saved:
@@ -211,6 +205,16 @@ class Service:
             raise
         self._kick()
         return row
+
+    def _check_unfinished(self, owner: str) -> None:
+        limit = self.config.max_unfinished
+        if limit and self.store.count_unfinished(owner) >= limit:
+            raise APIError(
+                429,
+                "Too many predictions",
+                f"this token already has {limit} predictions waiting or running, the most it may; "
+                "wait for some to finish (or cancel them) before creating more",
+            )
 
     def _check_webhook(self, url: str) -> None:
         problem = None
