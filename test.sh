@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh --dev
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check src tests bench predict.py
+.venv/bin/ruff format --check src tests bench predict.py
 exec .venv/bin/python -m pytest "$@"

@@ -31,7 +31,9 @@ def machine() -> str:
 
 def run(repeats: int, duration: int, out: Path) -> dict[str, object]:
     example = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
-    request = KlingRequest(prompt="waves roll in under a bright sun", start_image=str(example), duration=duration, seed=11)
+    request = KlingRequest(
+        prompt="waves roll in under a bright sun", start_image=str(example), duration=duration, seed=11
+    )
     engine = Engine("tiny")
     rendered = engine.render(request)  # warm-up: builds and loads the tiny twin
     inputs, spec = rendered.inputs, rendered.backend.spec
@@ -86,7 +88,10 @@ def run(repeats: int, duration: int, out: Path) -> dict[str, object]:
     table = [
         "| what | value |",
         "|---|---|",
-        *(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in report.items()),
+        *(
+            f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in report.items()
+        ),
     ]
     (out / "cpu.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
@@ -94,7 +99,9 @@ def run(repeats: int, duration: int, out: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, choices=(5, 10))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))

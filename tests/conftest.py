@@ -34,7 +34,11 @@ def make_image(width: int, height: int, fmt: str = "PNG", seed: int = 0, mode: s
     y, x = np.mgrid[0:height, 0:width]
     base = rng.uniform(0, 255, 3)
     rgb = np.stack(
-        [(base[0] + 200 * x / width) % 256, (base[1] + 200 * y / height) % 256, (base[2] + 100 * (x + y) / (width + height)) % 256],
+        [
+            (base[0] + 200 * x / width) % 256,
+            (base[1] + 200 * y / height) % 256,
+            (base[2] + 100 * (x + y) / (width + height)) % 256,
+        ],
         axis=-1,
     )
     disc = (x - width * 0.6) ** 2 + (y - height * 0.4) ** 2 < (min(width, height) * 0.2) ** 2

@@ -12,7 +12,12 @@ from conftest import probe
 
 def i2v(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "i2v", *args], capture_output=True, text=True, env=os.environ.copy(), cwd=cwd, timeout=600
+        [sys.executable, "-m", "i2v", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        cwd=cwd,
+        timeout=600,
     )
 
 
@@ -27,7 +32,9 @@ def test_generate_end_to_end(image_file, tmp_path: Path) -> None:
     result = i2v("generate", "--prompt", "a bird over the sea", "--start-image", str(start), "--seed", "3",
                  "--model", "tiny", "-o", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "720x1280" in result.stdout and "121 frames @ 24 fps" in result.stdout and "seed 3" in result.stdout
+    assert (
+        "720x1280" in result.stdout and "121 frames @ 24 fps" in result.stdout and "seed 3" in result.stdout
+    )
     assert "denoising" in result.stderr and "encoding video" in result.stderr  # the progress bar
     info = probe(out)
     assert (info["width"], info["height"], info["frames"], info["codec"]) == (720, 1280, 121, "h264")

@@ -27,13 +27,27 @@ def engine() -> Engine:
     return Engine("tiny")
 
 
-ASPECTS = {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (800, 600), "1:1": (600, 600), "2.5:1": (1000, 400)}
-EXPECTED = {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (960, 720), "1:1": (720, 720), "2.5:1": (1800, 720)}
+ASPECTS = {
+    "16:9": (1280, 720),
+    "9:16": (720, 1280),
+    "4:3": (800, 600),
+    "1:1": (600, 600),
+    "2.5:1": (1000, 400),
+}
+EXPECTED = {
+    "16:9": (1280, 720),
+    "9:16": (720, 1280),
+    "4:3": (960, 720),
+    "1:1": (720, 720),
+    "2.5:1": (1800, 720),
+}
 
 
 @pytest.mark.parametrize("duration", [5, 10])
 @pytest.mark.parametrize("aspect", list(ASPECTS))
-def test_exact_output_geometry(engine: Engine, image_file, tmp_path: Path, aspect: str, duration: int) -> None:
+def test_exact_output_geometry(
+    engine: Engine, image_file, tmp_path: Path, aspect: str, duration: int
+) -> None:
     start = image_file(*ASPECTS[aspect], "JPEG")
     request = KlingRequest(prompt="the sea", start_image=str(start), duration=duration, seed=1)
     result = engine.generate(request, tmp_path / "clip.mp4")
@@ -74,7 +88,9 @@ def test_same_seed_same_frames_other_seed_other_frames(engine: Engine, image_fil
 
 def test_frames_equal_the_stock_diffusers_pipeline(engine: Engine, image_file) -> None:
     """Our engine adds nothing to the model's output: same components, inputs and seed, same frames."""
-    request = KlingRequest(prompt="a cat runs", negative_prompt="dark", start_image=str(image_file(800, 600)), seed=5)
+    request = KlingRequest(
+        prompt="a cat runs", negative_prompt="dark", start_image=str(image_file(800, 600)), seed=5
+    )
     rendered = engine.render(request)
     inputs, spec = rendered.inputs, rendered.backend.spec
     stock = WanImageToVideoPipeline.from_pretrained(spec.source)
@@ -156,7 +172,11 @@ def test_hub_ids_load_from_the_hf_cache(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_progress_reports_stages_and_steps(engine: Engine, image_file, tmp_path: Path) -> None:
     seen: list[Progress] = []
-    engine.generate(KlingRequest(prompt="sky", start_image=str(image_file(640, 360)), seed=1), tmp_path / "a.mp4", on_progress=seen.append)
+    engine.generate(
+        KlingRequest(prompt="sky", start_image=str(image_file(640, 360)), seed=1),
+        tmp_path / "a.mp4",
+        on_progress=seen.append,
+    )
     stages = [p.stage for p in seen]
     assert stages[:2] == ["loading inputs", "loading model"]
     assert [(p.step, p.total) for p in seen if p.stage == "denoising"] == [(0, 2), (1, 2), (2, 2)]
@@ -189,7 +209,9 @@ def test_bad_requests_fail_before_the_model_runs(engine: Engine, image_file) -> 
 
 def test_a_backend_without_end_frames_refuses_one(image_file) -> None:
     """TI2V-5B ignores `last_image` silently in diffusers; configured for pro, it must refuse one instead."""
-    engine = Engine(settings=Settings(models={"standard": "tiny-wan2.2-ti2v-5b", "pro": "tiny-wan2.2-ti2v-5b"}))
+    engine = Engine(
+        settings=Settings(models={"standard": "tiny-wan2.2-ti2v-5b", "pro": "tiny-wan2.2-ti2v-5b"})
+    )
     assert engine.backend("pro").spec.takes_end_frame is False
     start, end = str(image_file(640, 360, seed=1)), str(image_file(640, 360, seed=2))
     with pytest.raises(InputError) as info:

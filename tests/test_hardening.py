@@ -44,7 +44,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path) -> Iterat
         proc.stop()
 
 
-def create(http: httpx.Client, prompt: str = "x", wait: int | None = None, **inputs: object) -> httpx.Response:
+def create(
+    http: httpx.Client, prompt: str = "x", wait: int | None = None, **inputs: object
+) -> httpx.Response:
     headers = {"prefer": f"wait={wait}"} if wait else {}
     body = {"input": {"prompt": prompt, "start_image": data_uri(400, 400), **inputs}}
     return http.post(PREDICTIONS, json=body, headers=headers)
@@ -104,7 +106,10 @@ def test_urls_that_cannot_be_fetched_or_are_refused_fail_at_create(server, http_
             assert answer.status_code == 422, (url, answer.text)
             assert words in field_error(answer), (url, answer.json())
         # webhooks follow the same rules: the server must not be made to POST into its own network
-        body = {"input": {"prompt": "x", "start_image": data_uri(400, 400)}, "webhook": "http://169.254.169.254/"}
+        body = {
+            "input": {"prompt": "x", "start_image": data_uri(400, 400)},
+            "webhook": "http://169.254.169.254/",
+        }
         answer = http.post(PREDICTIONS, json=body)
         assert answer.status_code == 422 and "link-local" in field_error(answer, "webhook")
         assert http.get("/v1/predictions").json()["results"] == [] or all(
@@ -164,7 +169,9 @@ def test_bodies_over_the_limits_get_413(server):
         huge = os.urandom(10 * 2**20 + 1)
         upload = http.post("/v1/files", files={"content": ("huge.png", huge, "image/png")})
         assert upload.status_code == 201
-        answer = http.post(PREDICTIONS, json={"input": {"prompt": "x", "start_image": upload.json()["urls"]["get"]}})
+        answer = http.post(
+            PREDICTIONS, json={"input": {"prompt": "x", "start_image": upload.json()["urls"]["get"]}}
+        )
         assert answer.status_code == 413 and "larger than 10 MB" in field_error(answer)
 
     # an upload declared over the Files API limit is refused before its body is read
@@ -289,7 +296,9 @@ def test_one_token_cannot_see_anothers_predictions_or_files(server):
     with server.http() as mine, as_other(server) as theirs:
         prediction = create(mine, wait=30).json()
         assert prediction["status"] == "succeeded"
-        upload = mine.post("/v1/files", files={"content": ("a.png", make_image(400, 400), "image/png")}).json()
+        upload = mine.post(
+            "/v1/files", files={"content": ("a.png", make_image(400, 400), "image/png")}
+        ).json()
         pid, fid = prediction["id"], upload["id"]
         for method, path in [
             ("GET", f"/v1/predictions/{pid}"),

@@ -24,9 +24,13 @@ class IdleRunnerForTests:
 
     def start(self, on_event): ...
     def state(self): return "READY"  # fmt: skip
+
     def setup_error(self): return None  # fmt: skip
+
     def free_slots(self): return 0  # fmt: skip
+
     def submit(self, job): raise AssertionError("nothing is dispatched here")  # fmt: skip
+
     def cancel(self, prediction_id): ...
     def stop(self): ...
 

@@ -143,7 +143,12 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _animated_webp() -> bytes:
@@ -216,7 +221,10 @@ def test_allowlist_by_host_name_or_network(http_dir: tuple[Path, str]) -> None:
     root, base = http_dir
     (root / "a.png").write_bytes(make_image(320, 320))
     port = base.rsplit(":", 1)[1]
-    assert ImageLoader(allow=("localhost",)).load(f"http://localhost:{port}/a.png", "start_image").size == (320, 320)
+    assert ImageLoader(allow=("localhost",)).load(f"http://localhost:{port}/a.png", "start_image").size == (
+        320,
+        320,
+    )
     assert ImageLoader(allow=("127.0.0.0/8",)).load(f"{base}/a.png", "start_image").size == (320, 320)
 
 
@@ -245,7 +253,12 @@ def test_the_checked_address_is_the_one_connected_to(monkeypatch: pytest.MonkeyP
 
 def test_a_host_with_any_private_address_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        socket, "getaddrinfo", lambda host, port, *a, **k: [(2, 1, 6, "", ("93.184.215.14", port)), (2, 1, 6, "", ("10.0.0.1", port))]
+        socket,
+        "getaddrinfo",
+        lambda host, port, *a, **k: [
+            (2, 1, 6, "", ("93.184.215.14", port)),
+            (2, 1, 6, "", ("10.0.0.1", port)),
+        ],
     )
     with pytest.raises(InputError, match=r"10\.0\.0\.1"):
         ImageLoader().pin("http://mixed.example.com/", "start_image")

@@ -21,7 +21,12 @@ def errors_of(**fields: object) -> dict[str, str]:
 
 def test_defaults_match_kling() -> None:
     request = KlingRequest(**BASE)
-    assert (request.mode, request.duration, request.negative_prompt, request.end_image) == ("standard", 5, "", None)
+    assert (request.mode, request.duration, request.negative_prompt, request.end_image) == (
+        "standard",
+        5,
+        "",
+        None,
+    )
     assert request.seed is None and request.audio is False
     assert request.num_frames == 121 and request.short_side == 720
     assert KlingRequest(**BASE, duration=10, mode="pro").num_frames == 241
@@ -69,12 +74,24 @@ def test_schema_is_generated_in_cog_order_with_descriptions() -> None:
     schema = KlingRequest.model_json_schema()
     properties = schema["properties"]
     order = sorted(properties, key=lambda name: properties[name]["x-order"])
-    assert order == ["mode", "duration", "prompt", "end_image", "start_image", "negative_prompt", "seed", "audio"]
+    assert order == [
+        "mode",
+        "duration",
+        "prompt",
+        "end_image",
+        "start_image",
+        "negative_prompt",
+        "seed",
+        "audio",
+    ]
     assert list(properties) == order  # declaration order is the Cog order
     assert schema["required"] == ["prompt", "start_image"]
     assert properties["mode"]["enum"] == ["standard", "pro"] and properties["mode"]["default"] == "standard"
     assert properties["duration"]["enum"] == [5, 10] and properties["duration"]["default"] == 5
     assert properties["start_image"]["format"] == "uri"
-    assert properties["mode"]["description"] == "Standard has a resolution of 720p, pro is 1080p. Both are 24fps."
+    assert (
+        properties["mode"]["description"]
+        == "Standard has a resolution of 720p, pro is 1080p. Both are 24fps."
+    )
     assert properties["end_image"]["description"].startswith("Last frame of the video")
     assert all(properties[name].get("description") for name in properties)

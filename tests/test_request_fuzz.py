@@ -11,10 +11,22 @@ from pydantic import ValidationError
 
 from i2v.request import KlingRequest, field_errors
 
-FIELDS = ["prompt", "start_image", "end_image", "mode", "duration", "negative_prompt", "seed", "audio", "aspect_ratio"]
+FIELDS = [
+    "prompt",
+    "start_image",
+    "end_image",
+    "mode",
+    "duration",
+    "negative_prompt",
+    "seed",
+    "audio",
+    "aspect_ratio",
+]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=3000),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=5,
 )
 plausible = {

@@ -1,8 +1,8 @@
 """i2v: self-hosted image-to-video behind the Kling v2.1 API, on open-weight diffusers models.
 
-    from i2v import generate
-    result = generate("out.mp4", prompt="waves roll in", start_image="photo.jpg", duration=5)
-    print(result.path, result.seed)
+from i2v import generate
+result = generate("out.mp4", prompt="waves roll in", start_image="photo.jpg", duration=5)
+print(result.path, result.seed)
 """
 
 from __future__ import annotations

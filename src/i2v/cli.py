@@ -30,7 +30,11 @@ class ProgressBar:
 
         # leave=False: the bar clears itself, so what stays on screen is the result line or the error.
         self._bar = tqdm(
-            total=0, file=sys.stderr, dynamic_ncols=True, leave=False, bar_format="{desc} {bar} {n}/{total} [{elapsed}]"
+            total=0,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+            bar_format="{desc} {bar} {n}/{total} [{elapsed}]",
         )
 
     def __call__(self, progress: Progress) -> None:
@@ -71,14 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to bind (default 0.0.0.0; 127.0.0.1 with --no-auth)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--model", help="'tiny', a backend name, or NAME=FOLDER_OR_HUB_ID (see `i2v models`)")
-    serve.add_argument("--data-dir", type=Path, help="predictions, files, outputs (default ~/.local/share/i2v)")
+    serve.add_argument(
+        "--data-dir", type=Path, help="predictions, files, outputs (default ~/.local/share/i2v)"
+    )
     serve.add_argument("--no-auth", action="store_true", help="serve without tokens (binds loopback only)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     if not args.verbose:
         _quiet_libraries()
     try:
@@ -163,16 +171,22 @@ def _demo(args: argparse.Namespace) -> int:
     from .errors import ModelUnavailable
 
     example = resources.files("i2v") / "assets" / "example.jpg"
-    request = KlingRequest(prompt="waves roll in slowly under a bright sun, the camera pans", start_image=str(example), seed=7)
+    request = KlingRequest(
+        prompt="waves roll in slowly under a bright sun, the camera pans", start_image=str(example), seed=7
+    )
     model = args.model
     if model is None and not torch.cuda.is_available():
-        print("demo: no CUDA GPU here, so rendering with the tiny random-weight model (noise, not a real clip)")
+        print(
+            "demo: no CUDA GPU here, so rendering with the tiny random-weight model (noise, not a real clip)"
+        )
         model = "tiny"
     engine = Engine(model)
     if model is None:
         try:
             engine.backend(request.mode)
         except ModelUnavailable as exc:
-            print(f"demo: the real weights are not reachable ({str(exc).splitlines()[0][:160]}); using the tiny model")
+            print(
+                f"demo: the real weights are not reachable ({str(exc).splitlines()[0][:160]}); using the tiny model"
+            )
             engine = Engine("tiny")
     return _render(engine, request, args.output)

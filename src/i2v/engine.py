@@ -71,7 +71,9 @@ class Engine:
     ) -> None:
         self.settings = settings or Settings()
         self.model = model
-        self.device = torch.device(device or self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(
+            device or self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.loader = loader or ImageLoader()
         self._backends: dict[tuple[str, str], Backend] = {}
         self._lock = threading.Lock()
@@ -88,7 +90,9 @@ class Engine:
         """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
         cls, spec = resolve(self.model_ref(mode), self.settings.tiny_dir)
         if mode not in spec.modes:  # allowed (the output is still mapped to the exact size), but worth a note
-            log.warning("%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode)
+            log.warning(
+                "%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode
+            )
         with self._lock:
             key = (spec.name, spec.source)
             if key not in self._backends:
@@ -124,7 +128,9 @@ class Engine:
         backend = self.backend(request.mode)
         spec = backend.spec
         if end is not None and not spec.takes_end_frame:
-            raise InputError("end_image", f"model {spec.name} cannot take an end frame; configure a keyframe model")
+            raise InputError(
+                "end_image", f"model {spec.name} cannot take an end frame; configure a keyframe model"
+            )
         timings["load"] = time.perf_counter() - clock
 
         width, height = backend.model_size(size)

@@ -41,7 +41,7 @@ class Pinned:
     """A URL rewritten to the one address that was checked, with what the server must still see."""
 
     url: str
-    host: str         # for the Host header and TLS (SNI and certificate checks)
+    host: str  # for the Host header and TLS (SNI and certificate checks)
     host_header: str
 
 
@@ -114,7 +114,9 @@ class ImageLoader:
                             raise InputError(field, f"fetching the image failed: HTTP {response.status_code}")
                         return self._read_capped(response, field)
                 except httpx.HTTPError as exc:
-                    raise InputError(field, f"fetching the image failed: {type(exc).__name__}: {exc}") from None
+                    raise InputError(
+                        field, f"fetching the image failed: {type(exc).__name__}: {exc}"
+                    ) from None
         raise InputError(field, f"too many redirects (at most {MAX_REDIRECTS})")
 
     def pin(self, url: str, field: str) -> Pinned:
@@ -230,5 +232,6 @@ def check_geometry(image: Image.Image, field: str) -> None:
     aspect = width / height
     if not 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
         raise InputError(
-            field, f"aspect ratio {aspect:.2f}:1 is outside 1:{MAX_ASPECT} .. {MAX_ASPECT}:1 ({width}x{height})"
+            field,
+            f"aspect ratio {aspect:.2f}:1 is outside 1:{MAX_ASPECT} .. {MAX_ASPECT}:1 ({width}x{height})",
         )

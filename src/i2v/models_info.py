@@ -25,7 +25,11 @@ def describe_models(settings: Settings | None = None) -> list[str]:
         spec = cls.spec
         role = f"default for {defaults[name]}" if name in defaults else "available"
         present = "weights present" if weights_present(spec.source) else "weights not downloaded"
-        tiny = "built" if (tiny_folder(cls, settings.tiny_dir) / "model_index.json").is_file() else "built on first use"
+        tiny = (
+            "built"
+            if (tiny_folder(cls, settings.tiny_dir) / "model_index.json").is_file()
+            else "built on first use"
+        )
         end = "takes end frame" if spec.takes_end_frame else "no end frame"
         lines.append(
             f"{name:<22} {spec.source:<40} {present:<22} {role}; modes {','.join(spec.modes)}; "

@@ -27,7 +27,6 @@ FPS = 24
 SHORT_SIDE = {"standard": 720, "pro": 1080}
 
 
-
 def _order(n: int, **extra: Any) -> dict[str, Any]:
     return {"x-order": n, **extra}
 

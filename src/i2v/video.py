@@ -36,7 +36,9 @@ def write_mp4(
     width, height = size
     partial = path.with_name(f".{path.name}.partial")
     try:
-        with av.open(str(partial), "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"}) as out:
+        with av.open(
+            str(partial), "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"}
+        ) as out:
             for key, value in (metadata or {}).items():
                 out.metadata[key] = value if isinstance(value, str) else json.dumps(value)
             stream = out.add_stream("libx264", rate=Fraction(fps))
@@ -49,7 +51,9 @@ def write_mp4(
                 if box is None:
                     box = cover_crop_box(rgb.shape[1], rgb.shape[0], width / height)
                 left, top, right, bottom = box
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[top:bottom, left:right]), format="rgb24")
+                frame = av.VideoFrame.from_ndarray(
+                    np.ascontiguousarray(rgb[top:bottom, left:right]), format="rgb24"
+                )
                 frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="LANCZOS")
                 out.mux(stream.encode(frame))
                 count += 1

@@ -54,7 +54,9 @@ def resolve(ref: str, tiny_dir: Path) -> tuple[type[Backend], BackendSpec]:
     cls = backends.get(name.removeprefix(TINY_PREFIX))
     if cls is None:
         known = ", ".join(sorted(backends))
-        raise ModelUnavailable(f"unknown model '{name}' (registered: {known}; prefix 'tiny-' for a tiny twin)")
+        raise ModelUnavailable(
+            f"unknown model '{name}' (registered: {known}; prefix 'tiny-' for a tiny twin)"
+        )
     if tiny:
         return cls, cls.tiny_spec(ensure_tiny(cls, tiny_dir))
     return cls, dataclasses.replace(cls.spec, source=source.strip()) if source.strip() else cls.spec

@@ -30,15 +30,15 @@ class BackendSpec:
     """What a backend declares about its model. A tiny twin is the same spec with small numbers."""
 
     name: str
-    source: str                   # hub id or local folder passed to from_pretrained
-    fps: int                      # native frame rate of the model
-    grid: Grid                    # the sizes the model generates at
-    frame_multiple: int           # frame counts are k * frame_multiple + 1
+    source: str  # hub id or local folder passed to from_pretrained
+    fps: int  # native frame rate of the model
+    grid: Grid  # the sizes the model generates at
+    frame_multiple: int  # frame counts are k * frame_multiple + 1
     takes_end_frame: bool
     steps: int
     guidance: float
     shift: float | None
-    modes: tuple[str, ...]        # the Kling modes it is made for (others work, with a logged warning)
+    modes: tuple[str, ...]  # the Kling modes it is made for (others work, with a logged warning)
 
     def frames_for(self, duration: int) -> int:
         """Frames to generate at the native fps for `duration` seconds, on the model's frame rule."""
@@ -83,7 +83,7 @@ class Backend(ABC):
     """A model behind the engine: `spec` says what it is, `load` and `generate` run it."""
 
     spec: ClassVar[BackendSpec]
-    tiny_grid: ClassVar[Grid]     # the small grid the tiny twin declares, so CPU tests stay fast
+    tiny_grid: ClassVar[Grid]  # the small grid the tiny twin declares, so CPU tests stay fast
     tiny_steps: ClassVar[int] = 2
 
     def __init__(self, spec: BackendSpec, device: torch.device) -> None:
@@ -115,7 +115,11 @@ class Backend(ABC):
     @classmethod
     def tiny_spec(cls, folder: Path) -> BackendSpec:
         return dataclasses.replace(
-            cls.spec, name=f"tiny-{cls.spec.name}", source=str(folder), grid=cls.tiny_grid, steps=cls.tiny_steps
+            cls.spec,
+            name=f"tiny-{cls.spec.name}",
+            source=str(folder),
+            grid=cls.tiny_grid,
+            steps=cls.tiny_steps,
         )
 
     def step_callback(self, on_step: StepCallback, total: int) -> Callable[..., dict[str, Any]]:

@@ -6,7 +6,60 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 # Enough words for the prompts in the tests and examples; everything else maps to <unk>.
-WORDS = ["a", "an", "the", "of", "and", "in", "on", "at", "with", "to", "over", "under", "through", "slowly", "quickly", "camera", "pans", "zooms", "moves", "cat", "dog", "bird", "person", "woman", "man", "child", "boat", "car", "tree", "sky", "sea", "sun", "moon", "city", "street", "mountain", "river", "red", "blue", "green", "yellow", "white", "black", "bright", "dark", "night", "day", "rain", "snow", "wind", "waves", "light"]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "in",
+    "on",
+    "at",
+    "with",
+    "to",
+    "over",
+    "under",
+    "through",
+    "slowly",
+    "quickly",
+    "camera",
+    "pans",
+    "zooms",
+    "moves",
+    "cat",
+    "dog",
+    "bird",
+    "person",
+    "woman",
+    "man",
+    "child",
+    "boat",
+    "car",
+    "tree",
+    "sky",
+    "sea",
+    "sun",
+    "moon",
+    "city",
+    "street",
+    "mountain",
+    "river",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "white",
+    "black",
+    "bright",
+    "dark",
+    "night",
+    "day",
+    "rain",
+    "snow",
+    "wind",
+    "waves",
+    "light",
+]
 
 
 def word_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -18,7 +71,9 @@ def word_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def tiny_umt5() -> tuple[UMT5EncoderModel, PreTrainedTokenizerFast]:

@@ -35,7 +35,9 @@ class WanTI2V(Backend):
         shift=5.0,
         modes=("standard",),
     )
-    tiny_grid = Grid(max_area=128 * 128, multiple=32)  # e.g. 160x96 for 16:9: the VAE decode dominates CPU time
+    tiny_grid = Grid(
+        max_area=128 * 128, multiple=32
+    )  # e.g. 160x96 for 16:9: the VAE decode dominates CPU time
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
@@ -45,7 +47,9 @@ class WanTI2V(Backend):
         pipe = WanImageToVideoPipeline.from_pretrained(
             self.spec.source, vae=vae, dtype=dtype, expand_timesteps=True
         )
-        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=self.spec.shift)
+        pipe.scheduler = UniPCMultistepScheduler.from_config(
+            pipe.scheduler.config, flow_shift=self.spec.shift
+        )
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
 

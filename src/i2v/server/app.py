@@ -159,7 +159,9 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
         known_model(owner, name)
         body = await _body(request)
         model = f"{owner}/{name}"
-        row = await asyncio.to_thread(service.create, model, version, body, base(request), request.state.owner)
+        row = await asyncio.to_thread(
+            service.create, model, version, body, base(request), request.state.owner
+        )
         return await _created(row, request)
 
     @api.post("/predictions", status_code=201, openapi_extra=CREATE_BODY)
@@ -464,7 +466,9 @@ class BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            response = JSONResponse({"title": "Payload too large", "detail": what, "status": 413}, status_code=413)
+            response = JSONResponse(
+                {"title": "Payload too large", "detail": what, "status": 413}, status_code=413
+            )
             await response(scope, receive, send)
             return
         seen = 0

@@ -62,7 +62,9 @@ def _delays(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"{name}: expected seconds separated by commas, like 1,2,4,8, got {text!r}") from None
+        raise ConfigError(
+            f"{name}: expected seconds separated by commas, like 1,2,4,8, got {text!r}"
+        ) from None
 
 
 def _tokens_from_env() -> tuple[str, ...]:

@@ -369,9 +369,9 @@ class Service:
             value = request.get(field)
             kept = self._input_path(row.id, field)
             if isinstance(value, str) and kept.is_file():  # checked at create: the worker fetches nothing
-                request[field] = "data:application/octet-stream;base64," + base64.b64encode(
-                    kept.read_bytes()
-                ).decode()
+                request[field] = (
+                    "data:application/octet-stream;base64," + base64.b64encode(kept.read_bytes()).decode()
+                )
             elif isinstance(value, str) and (file_id := self.own_file_id(value, (row.base_url,))):
                 stored = self.store.file(file_id)
                 if stored is not None and stored.size > MAX_IMAGE_BYTES:
@@ -408,7 +408,9 @@ class Service:
         elif isinstance(event, Succeeded):
             seed = event.info.get("seed")
             if not (self.config.outputs_dir / f"{event.id}.mp4").is_file():
-                self._finish(event.id, status=FAILED, error="the output video is missing from the data folder")
+                self._finish(
+                    event.id, status=FAILED, error="the output video is missing from the data folder"
+                )
                 return
             self._finish(
                 event.id,

@@ -133,7 +133,9 @@ class Store:
             for table in (PredictionRow.__table__, FileRow.__table__):
                 present = {c["name"] for c in inspect(conn).get_columns(table.name)}
                 if "owner" not in present:
-                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN owner VARCHAR(64) NOT NULL DEFAULT ''"))
+                    conn.execute(
+                        text(f"ALTER TABLE {table.name} ADD COLUMN owner VARCHAR(64) NOT NULL DEFAULT ''")
+                    )
 
     # predictions
 
@@ -192,7 +194,13 @@ class Store:
             )
 
     def page(
-        self, model: type[Base], *, after: int | None, before: int | None, limit: int, owner: str | None = None
+        self,
+        model: type[Base],
+        *,
+        after: int | None,
+        before: int | None,
+        limit: int,
+        owner: str | None = None,
     ) -> tuple[list[Any], bool]:
         """Newest first. `after` = rows older than that seq, `before` = rows newer; returns (rows, more).
 

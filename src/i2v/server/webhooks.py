@@ -205,7 +205,9 @@ class WebhookSender:
                 pinned = self.guard(row.url)
                 url, extensions = pinned.url, {"sni_hostname": pinned.host}
                 headers["host"] = pinned.host_header
-            response = self._client.post(url, content=row.body.encode(), headers=headers, extensions=extensions)
+            response = self._client.post(
+                url, content=row.body.encode(), headers=headers, extensions=extensions
+            )
             error = None if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
