@@ -142,6 +142,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _render(engine: object, request: KlingRequest, output: Path) -> int:
+    from diffusers.utils import logging as diffusers_logging
+
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # our bar is the one progress display
+        diffusers_logging.disable_progress_bar()
     output.parent.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar()
     started = time.perf_counter()
