@@ -6,14 +6,13 @@ import base64
 import http.server
 import io
 import socket
-import struct
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import make_image
+from hardening import animated, png_claiming
 from PIL import Image
 
 from i2v.errors import InputError
@@ -136,28 +135,6 @@ def test_alpha_is_flattened_onto_white() -> None:
     assert image.mode == "RGB" and image.getpixel((10, 10)) == (255, 255, 255)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature and IHDR claiming a huge size, with a tiny compressed body."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
-def _animated_webp() -> bytes:
-    frames = [Image.new("RGB", (320, 320), color) for color in ("red", "blue")]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:])
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
@@ -166,7 +143,7 @@ def _animated_webp() -> bytes:
         (make_image(640, 480, "PNG")[:3000], "corrupt or truncated"),
         (make_image(640, 480, "GIF"), "unsupported image format GIF"),
         (make_image(640, 480, "BMP"), "unsupported image format BMP"),
-        (_png_header_only(100_000, 100_000), "dimensions are too large"),
+        (png_claiming(100_000, 100_000), "dimensions are too large"),
         (make_image(299, 400), "at least 300 px"),
         (make_image(400, 299), "at least 300 px"),
         (make_image(1000, 399), "aspect ratio 2.51:1 is outside"),
@@ -179,7 +156,7 @@ def test_bad_images_each_get_their_own_error(data: bytes, expected: str) -> None
 
 
 def test_animated_images_are_refused() -> None:
-    assert "animated" in rule_for(_animated_webp(), "end_image")
+    assert "animated" in rule_for(animated("WEBP"), "end_image")
 
 
 def test_limits_are_inclusive() -> None:
