@@ -25,3 +25,15 @@ def test_cpu_benchmark_reports_ratio_and_identical_frames(tmp_path: Path) -> Non
     assert report["ratio_engine_over_stock"] > 0 and report["engine_s"] > 0 and report["stock_s"] > 0
     assert report["output"] == "1280x720x121"
     assert "| ratio_engine_over_stock |" in result.stdout
+
+
+def test_server_benchmark_reports_create_to_start_and_overhead(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.server", "--predictions", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, env=os.environ.copy(), timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "server.json").read_text())
+    assert report["predictions"] == 1
+    assert 0 <= report["median_create_to_start_s"] <= report["median_total_s"]
+    assert report["median_predict_s"] > 0 and report["ratio_total_over_predict"] >= 1.0
