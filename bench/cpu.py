@@ -10,8 +10,6 @@ engine's stage timings including the mp4 encode. Writes JSON and a Markdown tabl
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -22,11 +20,8 @@ import numpy as np
 import torch
 from diffusers import WanImageToVideoPipeline
 
+from bench.report import machine, write_report
 from i2v import Engine, KlingRequest
-
-
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def run(repeats: int, duration: int, out: Path) -> dict[str, object]:
@@ -83,18 +78,7 @@ def run(repeats: int, duration: int, out: Path) -> dict[str, object]:
         "encode_s": statistics.median(encode),
         "output": f"{result.width}x{result.height}x{result.num_frames}",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu.json").write_text(json.dumps(report, indent=2))
-    table = [
-        "| what | value |",
-        "|---|---|",
-        *(
-            f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |"
-            for key, value in report.items()
-        ),
-    ]
-    (out / "cpu.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    write_report(report, out, "cpu")
     return report
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import socket
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.cpu import machine
+from bench.report import machine, write_report
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
 
@@ -98,12 +97,7 @@ def run(predictions: int, out: Path) -> dict[str, object]:
         "median_overhead_s": statistics.median(row["total_s"] - row["predict_s"] for row in rows),
         "ratio_total_over_predict": median["total_s"] / median["predict_s"],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "server.json").write_text(json.dumps(report, indent=2))
-    table = ["| what | value |", "|---|---|"]
-    table += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items()]
-    (out / "server.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    write_report(report, out, "server")
     return report
 
 

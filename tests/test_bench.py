@@ -1,4 +1,4 @@
-"""The CPU benchmark runs in CI-sized form and proves the engine's frames equal the stock pipeline's.
+"""The benchmarks run in CI-sized form: the engine's frames equal the stock pipeline's, and the server reports its overhead.
 
 It asserts no timing: speed is reported by the benchmark, never asserted by a test.
 """
@@ -14,11 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cpu_benchmark_reports_ratio_and_identical_frames(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", "--repeats", "1", "--out", str(tmp_path)],
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=ROOT, capture_output=True, text=True, env=os.environ.copy(), timeout=900,
     )  # fmt: skip
+
+
+def test_cpu_benchmark_reports_ratio_and_identical_frames(tmp_path: Path) -> None:
+    result = run_bench("bench.cpu", "--repeats", "1", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "cpu.json").read_text())
     assert report["frames_identical"] is True
@@ -28,10 +32,7 @@ def test_cpu_benchmark_reports_ratio_and_identical_frames(tmp_path: Path) -> Non
 
 
 def test_server_benchmark_reports_create_to_start_and_overhead(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.server", "--predictions", "1", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, env=os.environ.copy(), timeout=900,
-    )  # fmt: skip
+    result = run_bench("bench.server", "--predictions", "1", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "server.json").read_text())
     assert report["predictions"] == 1
