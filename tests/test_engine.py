@@ -199,6 +199,22 @@ def test_cancel_stops_between_steps_and_leaves_no_file(engine: Engine, image_fil
     assert list(tmp_path.glob("*.mp4")) == []
 
 
+def test_cancel_during_the_encode_leaves_no_file(engine: Engine, image_file, tmp_path: Path) -> None:
+    cancel = threading.Event()
+    stages: list[str] = []
+
+    def on_progress(progress: Progress) -> None:
+        stages.append(progress.stage)
+        if progress.stage == "encoding video":
+            cancel.set()  # the encoder has opened its partial file when it next checks
+
+    request = KlingRequest(prompt="sky", start_image=str(image_file(640, 360)), seed=1)
+    with pytest.raises(Cancelled):
+        engine.generate(request, tmp_path / "a.mp4", on_progress=on_progress, cancel=cancel)
+    assert stages[-1] == "encoding video"
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".png"] == []  # no mp4, no hidden partial
+
+
 def test_bad_requests_fail_before_the_model_runs(engine: Engine, image_file) -> None:
     with pytest.raises(InputError) as info:
         engine.render(KlingRequest(prompt="x", start_image=str(image_file(200, 200))))

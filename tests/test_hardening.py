@@ -197,6 +197,23 @@ def test_out_of_gpu_memory_fails_with_what_to_reduce_and_the_worker_stays_up(ser
     assert httpx.get(f"{server.base}/health-check").json()["status"] == "READY"
 
 
+def test_cancel_mid_denoising_with_the_official_client(server):
+    with server.http() as http:
+        running = create(http, "fault:slow").json()["id"]  # 20 steps of 0.2 s
+        deadline = time.monotonic() + 60
+        while "1/20 denoising" not in http.get(f"/v1/predictions/{running}").json()["logs"]:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.05)
+    server.client().predictions.cancel(running)
+    final = server.wait_for(running, TERMINAL, timeout=60)
+    assert final["status"] == "canceled" and final["output"] is None
+    assert "20/20 denoising" not in final["logs"] and "encoding video" not in final["logs"]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.base}/health-check").json()["status"] != "READY":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def test_a_full_disk_fails_the_prediction_and_serves_no_partial_file(server):
     outputs = server.data_dir / "outputs"
     with server.http() as http:

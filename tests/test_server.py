@@ -271,9 +271,9 @@ def test_bad_image_is_refused_at_create_and_a_terminal_webhook_is_retried(server
         hook.close()
 
 
-def test_cancel_queued_and_running_predictions(server):
+def test_cancel_a_queued_prediction(server):
+    """Canceling a running prediction mid-denoising is tested on a slow backend (test_hardening.py)."""
     body = {"input": {"prompt": "x", "start_image": data_uri(640, 360, seed=5)}}
-    client = server.client()
     with server.http() as http:
         first = http.post(PREDICTIONS, json=body, headers={"prefer": "wait=1"})
         assert first.status_code == 201 and first.headers["preference-applied"] == "wait"
@@ -283,19 +283,10 @@ def test_cancel_queued_and_running_predictions(server):
         assert queued["status"] == "starting"
         canceled = http.post(queued["urls"]["cancel"])
         assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
-
-        deadline = time.monotonic() + 120
-        while "denoising" not in http.get(f"/v1/predictions/{running}").json()["logs"]:
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.2)
-    client.predictions.cancel(running)
-    final = server.wait_for(running, {"canceled", "succeeded", "failed"}, timeout=120)
-    assert final["status"] == "canceled" and final["output"] is None
-    assert "encoding video" not in final["logs"]  # stopped between denoising steps, not after the render
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{server.base}/health-check").json()["status"] != "READY":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+        again = http.post(queued["urls"]["cancel"])  # canceling twice changes nothing
+        assert again.status_code == 200 and again.json()["status"] == "canceled"
+    assert server.wait_for(running, {"succeeded", "failed", "canceled"}, timeout=120)["status"] == "succeeded"
+    assert server.client().predictions.get(queued["id"]).status == "canceled"
 
 
 def test_list_pages_newest_first(server):

@@ -171,16 +171,17 @@ class Engine:
         timings: dict[str, float] = {}
         rendered = self.render(request, on_progress=on_progress, cancel=cancel, timings=timings)
         clip, inputs, spec = rendered.clip, rendered.inputs, rendered.backend.spec
+        report = Reporter(on_progress, cancel)
         frames = to_uint8(clip.frames) if clip.frames.dtype != "uint8" else clip.frames
         if clip.fps != FPS:
-            Reporter(on_progress, cancel)("retiming")
+            report("retiming")
             clock = time.perf_counter()
-            frames = retime(frames, clip.fps, FPS, request.num_frames)
+            frames = retime(frames, clip.fps, FPS, request.num_frames, checkpoint=report.check_cancel)
             timings["retime"] = time.perf_counter() - clock
         if len(frames) != request.num_frames:
             raise RuntimeError(f"{spec.name} returned {len(frames)} frames, expected {request.num_frames}")
 
-        Reporter(on_progress, cancel)("encoding video")
+        report("encoding video")
         clock = time.perf_counter()
         metadata = {
             "title": request.prompt,
@@ -203,6 +204,7 @@ class Engine:
                 preset=self.settings.x264_preset,
                 crf=self.settings.x264_crf,
                 audio=clip.audio if request.audio else None,
+                checkpoint=report.check_cancel,  # a cancel during the encode leaves no file
             )
         except OSError as exc:  # write_mp4 leaves no partial file behind
             reason = exc.strerror or str(exc)

@@ -9,6 +9,7 @@ stays smooth rather than ghosting. It costs CPU time: see docs/models.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 
 import av
@@ -19,11 +20,18 @@ import numpy as np
 MINTERPOLATE = "mi_mode=mci:mc_mode=aobmc:me_mode=bidir:vsbmc=1:scd=none"
 
 
-def retime(frames: np.ndarray, src_fps: int, dst_fps: int, num_frames: int) -> np.ndarray:
+def retime(
+    frames: np.ndarray,
+    src_fps: int,
+    dst_fps: int,
+    num_frames: int,
+    checkpoint: Callable[[], None] | None = None,
+) -> np.ndarray:
     """Resample RGB uint8 frames (T, H, W, 3) from `src_fps` to `dst_fps`, returning exactly `num_frames`.
 
     Output frame i shows time i / dst_fps, so the first frame is kept as it is (the start image) and,
     when the durations match, the last output frame falls on the last input frame (the end image).
+    `checkpoint` runs before each input frame, so a cancel stops the (CPU-heavy) interpolation.
     """
     if src_fps == dst_fps:
         return _exact(list(frames), num_frames)
@@ -45,6 +53,8 @@ def retime(frames: np.ndarray, src_fps: int, dst_fps: int, num_frames: int) -> n
     # The filter emits frames only between two inputs; a repeat of the last frame one step later lets it
     # reach the last input's own time (5 s exactly for a 5 s clip).
     for index, rgb in enumerate([*frames, frames[-1]]):
+        if checkpoint is not None:
+            checkpoint()
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         frame.pts, frame.time_base = index, Fraction(1, src_fps)
         graph.push(frame)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,13 +24,15 @@ def write_mp4(
     preset: str = "medium",
     crf: int = 18,
     audio: tuple[np.ndarray, int] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> Path:
     """Encode RGB uint8 frames (H, W, 3) to `path` at exactly `size` (width, height).
 
     Each frame is centre-cropped to the target aspect and scaled by libswscale (Lanczos), so any model
     grid maps onto the exact output size. The file appears under its name only once it is complete.
     Metadata values that are not strings are stored as JSON. `audio` (samples (C, N) float in [-1, 1],
-    rate) is muxed as AAC, trimmed or padded with silence to the video's length.
+    rate) is muxed as AAC, trimmed or padded with silence to the video's length. `checkpoint` runs before
+    each frame; whatever it raises (a cancel) abandons the file, and nothing partial is left behind.
     """
     path = Path(path)
     width, height = size
@@ -48,6 +50,8 @@ def write_mp4(
             sound = _add_aac(out, audio) if audio is not None else None
             box, count = None, 0
             for rgb in frames:
+                if checkpoint is not None:
+                    checkpoint()
                 if box is None:
                     box = cover_crop_box(rgb.shape[1], rgb.shape[0], width / height)
                 left, top, right, bottom = box
