@@ -58,6 +58,13 @@ class Predictor(BasePredictor):
             "Kling v2.1 clips are silent, so the default is no audio track.",
             default=False,
         ),
+        preset: str | None = Input(
+            description="Speed preset. default: the full model at full quality. fast: step caching, "
+            "faster with a small loss of detail. turbo: a distilled few-step model, several times faster "
+            "with some loss of quality. Leave blank for the server's preset.",
+            default=None,
+            choices=["default", "fast", "turbo"],
+        ),
     ) -> Path:
         request = KlingRequest(
             mode=mode,
@@ -68,6 +75,7 @@ class Predictor(BasePredictor):
             negative_prompt=negative_prompt,
             seed=seed,
             audio=audio,
+            preset=preset,
         )
         output = _LocalPath(tempfile.mkdtemp(prefix="i2v-")) / "output.mp4"
         result = self.engine.generate(request, output, on_progress=lambda p: print(p, flush=True))

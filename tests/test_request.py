@@ -83,6 +83,7 @@ def test_schema_is_generated_in_cog_order_with_descriptions() -> None:
         "negative_prompt",
         "seed",
         "audio",
+        "preset",
     ]
     assert list(properties) == order  # declaration order is the Cog order
     assert schema["required"] == ["prompt", "start_image"]

@@ -25,6 +25,7 @@ from .progress import ProgressCallback, Reporter
 from .request import FPS, KlingRequest
 from .retime import retime
 from .settings import Settings
+from .speed import REQUEST_PRESETS
 from .video import to_uint8, write_mp4
 
 log = logging.getLogger(__name__)
@@ -78,17 +79,25 @@ class Engine:
         self._backends: dict[tuple[str, str], Backend] = {}
         self._lock = threading.Lock()
 
-    def model_ref(self, mode: str) -> str:
-        configured = self.settings.models[mode]
+    def preset(self, request: KlingRequest) -> str:
+        """The request's preset, else the server's (`low-vram` is how models load, not a per-request one)."""
+        if request.preset is not None:
+            return request.preset
+        return self.settings.speed.preset if self.settings.speed.preset in REQUEST_PRESETS else "default"
+
+    def model_ref(self, mode: str, preset: str = "default") -> str:
+        """The model for a mode; `turbo` picks the mode's distilled model (Settings.turbo_models)."""
+        turbo = preset == "turbo"
+        configured = (self.settings.turbo_models if turbo else self.settings.models)[mode]
         if self.model in (None, "default"):
             return configured
         if self.model == "tiny":
             return "tiny-" + configured.partition("=")[0]
-        return self.model
+        return self.model  # one explicit model serves every mode and preset
 
-    def backend(self, mode: str) -> Backend:
+    def backend(self, mode: str, preset: str = "default") -> Backend:
         """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
-        cls, spec = resolve(self.model_ref(mode), self.settings.tiny_dir)
+        cls, spec = resolve(self.model_ref(mode, preset), self.settings.tiny_dir)
         if mode not in spec.modes:  # allowed (the output is still mapped to the exact size), but worth a note
             log.warning(
                 "%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode
@@ -96,13 +105,26 @@ class Engine:
         with self._lock:
             key = (spec.name, spec.source)
             if key not in self._backends:
-                backend = cls(spec, self.device)
+                backend = cls(spec, self.device, self.settings.speed)
                 try:
                     backend.load()
                 except (OSError, ValueError) as exc:
                     raise ModelUnavailable(f"could not load {spec.name} from {spec.source}: {exc}") from exc
+                log.info("loaded %s on %s (%s)", spec.name, self.device, backend.placement)
                 self._backends[key] = backend
             return self._backends[key]
+
+    def warm_up(self, modes: tuple[str, ...] = ("standard", "pro")) -> dict[str, float]:
+        """Load each mode's model and run a short clip through it (compiles, tunes kernels); seconds per mode.
+
+        Speed.warmup (on with CUDA) makes the server do this before it reports READY.
+        """
+        seconds = {}
+        for mode in modes:
+            clock = time.perf_counter()
+            self.backend(mode).warm_up()
+            seconds[mode] = time.perf_counter() - clock
+        return seconds
 
     def render(
         self,
@@ -125,7 +147,8 @@ class Engine:
 
         report("loading model")
         clock = time.perf_counter()
-        backend = self.backend(request.mode)
+        preset = self.preset(request)
+        backend = self.backend(request.mode, preset)
         spec = backend.spec
         if end is not None and not spec.takes_end_frame:
             raise InputError(
@@ -144,6 +167,7 @@ class Engine:
             num_frames=spec.frames_for(request.duration),
             seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
             audio=request.audio,
+            step_cache=preset == "fast",
         )
 
         def on_step(step: int, total: int) -> None:
@@ -152,7 +176,7 @@ class Engine:
                 report("decoding")
 
         clock = time.perf_counter()
-        report("denoising", 0, backend.total_steps())
+        report("denoising", 0, backend.total_steps(inputs))
         with torch.inference_mode():
             clip = backend.generate(inputs, on_step)
         timings["generate"] = time.perf_counter() - clock

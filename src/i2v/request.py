@@ -1,7 +1,7 @@
 """The Kling v2.1 input, exactly as Replicate's `kwaivgi/kling-v2.1` takes it.
 
 This one model is the validation, the JSON schema (Cog's `x-order` included) and the documentation.
-Two optional extensions follow the Kling fields: `seed` and `audio`.
+Three optional extensions follow the Kling fields: `seed`, `audio` and `preset`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class KlingRequest(BaseModel):
         max_length=MAX_PROMPT_CHARS,
         json_schema_extra=_order(5),
     )
-    # Extensions; Replicate's kling-v2.1 has neither.
+    # Extensions; Replicate's kling-v2.1 has none of them.
     seed: int | None = Field(
         None,
         ge=0,
@@ -77,6 +77,13 @@ class KlingRequest(BaseModel):
         description="Add the model's generated soundtrack (AAC) when the model makes one. "
         "Kling v2.1 clips are silent, so the default is no audio track.",
         json_schema_extra=_order(7),
+    )
+    preset: Literal["default", "fast", "turbo"] | None = Field(
+        None,
+        description="Speed preset. default: the full model at full quality. fast: step caching, "
+        "faster with a small loss of detail. turbo: a distilled few-step model, several times faster "
+        "with some loss of quality. Leave blank for the server's preset.",
+        json_schema_extra=_order(8),
     )
 
     @model_validator(mode="before")

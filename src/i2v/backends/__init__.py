@@ -16,11 +16,14 @@ from pathlib import Path
 
 from ..errors import ModelUnavailable
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback
+from .fastwan import FastWanTI2V
 from .ltx2 import LTX2, LTX2Distilled
 from .wan_flf2v import WanFLF2V
 from .wan_ti2v import WanTI2V
 
-BACKENDS: dict[str, type[Backend]] = {cls.spec.name: cls for cls in (WanTI2V, LTX2, LTX2Distilled, WanFLF2V)}
+BACKENDS: dict[str, type[Backend]] = {
+    cls.spec.name: cls for cls in (WanTI2V, FastWanTI2V, LTX2, LTX2Distilled, WanFLF2V)
+}
 TINY_PREFIX = "tiny-"
 
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "Clip", "ModelInputs", "StepCallback", "resolve"]

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..geometry import Grid
+from ..speed import Speed
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total); raises `Cancelled` to stop the run."""
@@ -59,6 +60,8 @@ class ModelInputs:
     num_frames: int
     seed: int
     audio: bool = False
+    step_cache: bool = False  # the `fast` preset: cache steps where the model's blocks allow it
+    steps: int | None = None  # denoising steps (the first stage's, for two-stage models); None: the model's
 
     def generator(self) -> torch.Generator:
         # A CPU generator gives the same noise on every device, so a seed means the same clip anywhere.
@@ -85,23 +88,47 @@ class Backend(ABC):
     spec: ClassVar[BackendSpec]
     tiny_grid: ClassVar[Grid]  # the small grid the tiny twin declares, so CPU tests stay fast
     tiny_steps: ClassVar[int] = 2
+    # The `fast` preset's FirstBlockCache threshold; None where diffusers cannot cache the model's blocks.
+    cache_threshold: ClassVar[float | None] = None
 
-    def __init__(self, spec: BackendSpec, device: torch.device) -> None:
+    def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
         self.spec = spec  # the instance's spec: the class's, a tiny twin's, or one with a local source
         self.device = device
+        self.speed = speed or Speed()
         self.pipe: Any = None
+        self.placement = ""  # what `load` did for speed, for the log: "attention flash, compiled blocks"
 
     @abstractmethod
     def load(self) -> None:
-        """Load the weights with `from_pretrained(self.spec.source)` onto `self.device`; called once."""
+        """Read the weights with `from_pretrained(self.spec.source)`, then `prepare` them; called once."""
+
+    @abstractmethod
+    def prepare(self, pipe: Any) -> None:
+        """Everything after the weights are read: scheduler, device, speed-ups; sets `self.pipe`.
+
+        The GPU benchmark hands it full-size pipelines built in memory with random weights, so what is
+        timed runs the same code as a loaded model.
+        """
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The (width, height) to generate at for an exact output size; the engine fits the images to it."""
         return self.spec.grid.size_for(output_size[0] / output_size[1])
 
-    def total_steps(self) -> int:
+    def total_steps(self, inputs: ModelInputs | None = None) -> int:
         """Denoising steps one generation reports, all stages together."""
-        return self.spec.steps
+        return inputs.steps if inputs is not None and inputs.steps else self.spec.steps
+
+    def warm_up(self) -> None:
+        """Run a short generation at the model's 16:9 size, so compilation and kernel tuning happen now
+        rather than in the first user's request. A 10 s clip's shape compiles on its first request."""
+        width, height = self.model_size((1280, 720))
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        inputs = ModelInputs(
+            prompt="warm-up", negative_prompt="", image=image, end_image=None, width=width, height=height,
+            num_frames=self.spec.frames_for(5), seed=0, steps=2,
+        )  # fmt: skip
+        with torch.inference_mode():
+            self.generate(inputs, lambda step, total: None)
 
     @abstractmethod
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:

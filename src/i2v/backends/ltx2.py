@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
 from ..geometry import Grid
+from ..speed import Speed, place
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
 
 UPSAMPLER_FOLDER = "latent_upsampler"
@@ -107,8 +108,8 @@ class LTX2(Backend):
     tiny_grid = Grid(max_area=64 * 64, multiple=32)
     distilled: ClassVar[bool] = False
 
-    def __init__(self, spec: BackendSpec, device: torch.device) -> None:
-        super().__init__(spec, device)
+    def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
+        super().__init__(spec, device, speed)
         self.upsampler: Any = None
         self.shifted_scheduler: Any = None
         self.fixed_scheduler: Any = None
@@ -131,10 +132,21 @@ class LTX2(Backend):
         )
         if not self.distilled:
             pipe.load_lora_weights(self.spec.source, weight_name=DISTILLED_LORA, adapter_name=STAGE2_ADAPTER)
+        self.prepare(pipe, upsampler=upsampler)
+
+    def prepare(self, pipe: LTX2KeyframePipeline, *, upsampler: LTX2LatentUpsamplerModel) -> None:  # type: ignore[override]
         pipe.vae.enable_tiling()  # 1920x1088x241 does not decode in one piece on one GPU
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
-        self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler).to(self.device)
+        # The pipeline batches CFG's passes itself; diffusers' step caches do not know LTX-2's blocks.
+        # The base model switches its stage-2 LoRA on and off: neither compiled nor cast to fp8.
+        lora_free = self.distilled
+        self.placement = place(
+            pipe, self.device, self.speed, fp8_modules=("transformer",) if lora_free else (),
+            compile_blocks=lora_free,
+        )  # fmt: skip
+        self.pipe = pipe
+        # The VAE is the pipeline's, already placed; only the upsampler itself moves here.
+        self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler.to(self.device))
         self.upsampler.set_progress_bar_config(disable=True)
         # The base model's 40 steps take the dynamic shift of its scheduler config; distilled sigma lists
         # (stage 1 of the distilled checkpoint, every refine stage) run as given, with no shift.
@@ -143,19 +155,19 @@ class LTX2(Backend):
             pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None, shift=1.0
         )
 
-    def _stage1_settings(self) -> dict[str, Any]:
+    def _stage1_settings(self, inputs: ModelInputs | None = None) -> dict[str, Any]:
         if self.distilled:  # the checkpoint was distilled to exactly these 8 sigmas
             steps = len(DISTILLED_SIGMA_VALUES)
             return {"num_inference_steps": steps, "sigmas": DISTILLED_SIGMA_VALUES, **_NO_GUIDANCE}
         stg_block = min(STG_BLOCK, self.pipe.transformer.config.num_layers - 1)
         return {
-            "num_inference_steps": self.spec.steps,
+            "num_inference_steps": inputs.steps if inputs is not None and inputs.steps else self.spec.steps,
             "guidance_scale": self.spec.guidance,
             "spatio_temporal_guidance_blocks": [stg_block],
         }
 
-    def total_steps(self) -> int:
-        return self._stage1_settings()["num_inference_steps"] + len(STAGE_2_DISTILLED_SIGMA_VALUES)
+    def total_steps(self, inputs: ModelInputs | None = None) -> int:
+        return self._stage1_settings(inputs)["num_inference_steps"] + len(STAGE_2_DISTILLED_SIGMA_VALUES)
 
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
         pipe = self.pipe
@@ -163,8 +175,8 @@ class LTX2(Backend):
         conditions = [LTX2VideoCondition(frames=inputs.image, index=0)]
         if inputs.end_image is not None:
             conditions.append(LTX2VideoCondition(frames=inputs.end_image, index=-1))
-        stage1 = self._stage1_settings()
-        total = self.total_steps()
+        stage1 = self._stage1_settings(inputs)
+        total = self.total_steps(inputs)
         common = {
             "conditions": conditions,
             "prompt": inputs.prompt,

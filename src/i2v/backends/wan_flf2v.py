@@ -21,8 +21,9 @@ from diffusers import (
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..geometry import Grid
-from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .base import BackendSpec, device_dtype
 from .tiny_parts import tiny_umt5
+from .wan_ti2v import WanTI2V
 
 
 class FLF2VPipeline(WanImageToVideoPipeline):
@@ -36,7 +37,9 @@ class FLF2VPipeline(WanImageToVideoPipeline):
         return super().encode_image(image if isinstance(image, list) else [image, image], device)
 
 
-class WanFLF2V(Backend):
+class WanFLF2V(WanTI2V):
+    """Loads differently from TI2V (a CLIP image encoder, 16 fps); generates the same way."""
+
     spec = BackendSpec(
         name="wan2.1-flf2v-14b",
         source="Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers",
@@ -61,32 +64,7 @@ class WanFLF2V(Backend):
         pipe = FLF2VPipeline.from_pretrained(
             self.spec.source, vae=vae, image_encoder=image_encoder, dtype=dtype
         )
-        pipe.scheduler = UniPCMultistepScheduler.from_config(
-            pipe.scheduler.config,
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=self.spec.shift,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
-
-    def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
-        steps = self.spec.steps
-        result = self.pipe(
-            image=inputs.image,
-            last_image=inputs.end_image,
-            prompt=inputs.prompt,
-            negative_prompt=inputs.negative_prompt,
-            height=inputs.height,
-            width=inputs.width,
-            num_frames=inputs.num_frames,
-            num_inference_steps=steps,
-            guidance_scale=self.spec.guidance,
-            generator=inputs.generator(),
-            output_type="np",
-            callback_on_step_end=self.step_callback(on_step, steps),
-        )
-        return Clip(frames=result.frames[0], fps=self.spec.fps)
+        self.prepare(pipe)  # FLF2V's sampling shift on the UniPC scheduler, as for TI2V
 
     @classmethod
     def build_tiny(cls, folder: Path) -> None:

@@ -3,10 +3,14 @@
 The start image conditions the clip by replacing latent frame 0 at every step (`expand_timesteps=True`),
 so the clip opens on it. The pipeline ignores `last_image` silently, so this backend declares that it
 takes no end frame and the engine refuses one before it gets here.
+
+The prompt is encoded here rather than in the pipeline so that CFG's two passes can run as one batched
+forward (`i2v.batched_cfg`); the pipeline then takes the embeddings instead of the text.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,7 +21,9 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from ..batched_cfg import BatchedCFG
 from ..geometry import Grid
+from ..speed import Speed, place, step_cache
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
 from .tiny_parts import tiny_umt5
 
@@ -38,6 +44,11 @@ class WanTI2V(Backend):
     tiny_grid = Grid(
         max_area=128 * 128, multiple=32
     )  # e.g. 160x96 for 16:9: the VAE decode dominates CPU time
+    cache_threshold = 0.05
+
+    def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
+        super().__init__(spec, device, speed)
+        self.batched_cfg: BatchedCFG | None = None
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
@@ -47,27 +58,46 @@ class WanTI2V(Backend):
         pipe = WanImageToVideoPipeline.from_pretrained(
             self.spec.source, vae=vae, dtype=dtype, expand_timesteps=True
         )
+        self.prepare(pipe)
+
+    def prepare(self, pipe: WanImageToVideoPipeline) -> None:
         pipe.scheduler = UniPCMultistepScheduler.from_config(
-            pipe.scheduler.config, flow_shift=self.spec.shift
+            pipe.scheduler.config,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=self.spec.shift,
         )
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
+        self.pipe = pipe
+        self.placement = place(pipe, self.device, self.speed, fp8_modules=("transformer",))
+        if self.spec.guidance > 1.0 and self.speed.on(self.speed.batched_cfg, self.device):
+            self.batched_cfg = BatchedCFG.attach(pipe.transformer)
 
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
-        steps = self.spec.steps
-        result = self.pipe(
-            image=inputs.image,
-            prompt=inputs.prompt,
-            negative_prompt=inputs.negative_prompt,
-            height=inputs.height,
-            width=inputs.width,
-            num_frames=inputs.num_frames,
-            num_inference_steps=steps,
-            guidance_scale=self.spec.guidance,
-            generator=inputs.generator(),
-            output_type="np",
-            callback_on_step_end=self.step_callback(on_step, steps),
-        )
+        pipe, steps = self.pipe, self.total_steps(inputs)
+        guided = self.spec.guidance > 1.0
+        positive, negative = pipe.encode_prompt(
+            inputs.prompt, inputs.negative_prompt, do_classifier_free_guidance=guided,
+            max_sequence_length=512, device=pipe._execution_device,
+        )  # fmt: skip
+        batched = self.batched_cfg.armed(positive, negative) if self.batched_cfg and guided else nullcontext()
+        cache = self.cache_threshold if inputs.step_cache else None
+        with batched, step_cache(pipe.transformer, cache):
+            end = {"last_image": inputs.end_image} if self.spec.takes_end_frame else {}
+            result = pipe(
+                image=inputs.image,
+                **end,
+                prompt_embeds=positive,
+                negative_prompt_embeds=negative,
+                height=inputs.height,
+                width=inputs.width,
+                num_frames=inputs.num_frames,
+                num_inference_steps=steps,
+                guidance_scale=self.spec.guidance,
+                generator=inputs.generator(),
+                output_type="np",
+                callback_on_step_end=self.step_callback(on_step, steps),
+            )
         return Clip(frames=result.frames[0], fps=self.spec.fps)
 
     @classmethod

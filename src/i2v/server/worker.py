@@ -244,6 +244,9 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
         # Images come from the network: URLs and data URIs only, never a path on this machine.
         engine = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
         engine.backend(SETUP_MODE)
+        speed = engine.settings.speed
+        if speed.on(speed.warmup, engine.device):  # compile and tune now, not in the first request
+            log.info("warmed up in %.1f s", engine.warm_up((SETUP_MODE,))[SETUP_MODE])
     except Exception as exc:
         setup_error = f"model setup failed: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", setup_error, traceback.format_exc())

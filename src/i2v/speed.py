@@ -1,0 +1,148 @@
+"""How a loaded pipeline is placed on its device and made fast: the exact path and the presets.
+
+Exact speed-ups, on by default where the hardware has them (CUDA); each keeps the output equal to the
+stock pipeline's within bf16 noise:
+
+- the fastest attention kernel installed: FlashAttention 3, then FlashAttention 2, then cuDNN's fused
+  attention, then PyTorch's own (diffusers' `set_attention_backend`, checked before it is chosen);
+- regional `torch.compile` of the transformer's repeated block (`compile_repeated_blocks`): one block is
+  compiled and reused by all of them, so compiling costs seconds, not minutes;
+- CFG's conditional and unconditional passes in one batched forward (`i2v.batched_cfg`), where the stock
+  pipeline runs them one after the other.
+
+Presets trade something for speed or memory, and say what:
+
+- `fast`: step caching (diffusers' FirstBlockCache: a step whose first block barely changed reuses the
+  rest of the last step's residual) per request; with the server's preset set to `fast`, the transformer
+  also stores its weights in fp8 (computing in bf16). Lossy: see docs/benchmarks.md.
+- `turbo`: a distilled few-step model for the mode (configured per mode, see `i2v.settings`).
+- `low-vram`: the machine's preset, never a request's: group offload (blocks stream from CPU memory to
+  the GPU as they run) and a tiled VAE decode, so standard mode fits a 24 GB GPU. Slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Preset = Literal["default", "fast", "turbo", "low-vram"]
+PRESETS: tuple[str, ...] = ("default", "fast", "turbo", "low-vram")
+REQUEST_PRESETS: tuple[str, ...] = ("default", "fast", "turbo")  # low-vram is how the server loads
+
+# Fastest first. `native` (PyTorch's scaled_dot_product_attention) always works and is last.
+ATTENTION_ORDER = ("_flash_3", "flash", "_native_cudnn", "native")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The load-time speed settings of one server (or one Engine). None means: on where CUDA is."""
+
+    preset: Preset = "default"
+    attention: str = "auto"  # "auto" or a diffusers backend name (e.g. "sage", "_native_cudnn")
+    compile: bool | None = None
+    batched_cfg: bool | None = None
+    warmup: bool | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.preset == "fast"
+
+    @property
+    def low_vram(self) -> bool:
+        return self.preset == "low-vram"
+
+    def on(self, flag: bool | None, device: torch.device) -> bool:
+        return device.type == "cuda" if flag is None else flag
+
+
+def attention_available(name: str) -> bool:
+    """Whether diffusers can run this attention backend here (its package is installed and usable)."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+    )
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ValueError):
+        return False
+    if name == "_native_cudnn":  # cuDNN attention needs an sm80+ GPU
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    return True
+
+
+def choose_attention(wanted: str, device: torch.device) -> str:
+    """The attention backend to use: `wanted` when it is available, else the fastest one that is."""
+    if device.type != "cuda":
+        return "native"
+    if wanted != "auto":
+        if attention_available(wanted):
+            return wanted
+        log.warning("attention backend %r is not available here; choosing one", wanted)
+    return next(name for name in ATTENTION_ORDER if attention_available(name))
+
+
+def place(
+    pipe: Any,
+    device: torch.device,
+    speed: Speed,
+    *,
+    fp8_modules: tuple[str, ...] = (),
+    compile_blocks: bool = True,
+) -> str:
+    """Move a loaded pipeline onto `device` and apply the load-time speed settings; returns a summary.
+
+    `fp8_modules` names the pipeline's transformers whose weights the `fast` preset stores in fp8;
+    `compile_blocks` is False where the model switches LoRA adapters between calls (a recompile each time).
+    """
+    done = []
+    for name in fp8_modules if speed.fp8 else ():
+        # Each layer's weights are upcast to the compute dtype as it runs; norms and embeddings stay as
+        # they are (each model lists them in _skip_layerwise_casting_patterns).
+        model = getattr(pipe, name)
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
+        done.append(f"fp8 {name}")
+    if speed.low_vram:
+        # Each transformer block (and text-encoder layer) moves to the GPU as it runs; with streams the
+        # next block's copy overlaps the current one's compute.
+        stream = device.type == "cuda"
+        pipe.enable_group_offload(
+            onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=stream
+        )
+        pipe.vae.enable_tiling()
+        done.append("group offload, tiled VAE")
+    else:
+        pipe.to(device)
+    transformers = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m]
+    attention = choose_attention(speed.attention, device)
+    if attention != "native":
+        for model in transformers:
+            model.set_attention_backend(attention)
+    done.append(f"attention {attention}")
+    if compile_blocks and speed.on(speed.compile, device) and not speed.low_vram:  # offload hooks do not mix
+        for model in transformers:
+            model.compile_repeated_blocks(fullgraph=True)
+        done.append("compiled blocks")
+    return ", ".join(done)
+
+
+@contextlib.contextmanager
+def step_cache(transformer: Any, threshold: float | None) -> Iterator[None]:
+    """FirstBlockCache on `transformer` for one call (the `fast` preset); nothing when threshold is None."""
+    if threshold is None:
+        yield
+        return
+    from diffusers import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        yield
+    finally:
+        transformer.disable_cache()
