@@ -48,6 +48,12 @@ def test_user_mistakes_print_one_line_and_exit_2(image_file, tmp_path: Path) -> 
         ("--start-image", good, "--end-image", good): "error: end_image: end_image requires mode 'pro'",
         ("--start-image", good, "--duration", "7"): "error: duration: Input should be 5 or 10",
         ("--start-image", good, "--model", "nope"): "error: unknown model 'nope'",
+        (
+            "--start-image",
+            good,
+            "--preset",
+            "warp",
+        ): "error: preset: Input should be 'default', 'fast' or 'turbo'",
     }
     for args, expected in cases.items():
         model = () if "--model" in args else ("--model", "tiny")

@@ -28,7 +28,8 @@ PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("server") / "data")
+    # Warm-up is on with CUDA by default; here it is asked for, so the start-up path runs on CPU too.
+    proc = ServerProcess(tmp_path_factory.mktemp("server") / "data", env={"I2V_WARMUP": "1"})
     try:
         proc.wait_ready()
         yield proc
@@ -50,6 +51,10 @@ def check_mp4(data: bytes, tmp_path: Path, source: tuple[int, int]) -> None:
     info = probe(path)
     assert (info["width"], info["height"]) == output_size(*source, 720)
     assert info["frames"] == 121 and info["fps"] == 24 and info["codec"] == "h264"
+
+
+def test_the_worker_warms_the_model_up_at_start(server):
+    assert "warmed up in" in server.log_tail()  # the fixture waited for READY, which the worker sends after
 
 
 def test_token_required(server):

@@ -10,6 +10,7 @@ from i2v.backends import BACKENDS, ensure_tiny
 from i2v.engine import Engine
 from i2v.errors import I2VError
 from i2v.settings import DEFAULT_MODELS, Settings
+from i2v.speed import Speed
 
 
 @pytest.fixture
@@ -17,6 +18,8 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Write a settings file and point I2V_CONFIG at it; the per-mode env overrides start unset."""
     monkeypatch.delenv("I2V_MODEL_STANDARD", raising=False)
     monkeypatch.delenv("I2V_MODEL_PRO", raising=False)
+    for key in ("PRESET", "ATTENTION", "COMPILE", "BATCHED_CFG", "WARMUP", "TURBO_MODEL_STANDARD"):
+        monkeypatch.delenv(f"I2V_{key}", raising=False)
 
     def write(text: str) -> Path:
         path = tmp_path / "config.toml"
@@ -58,6 +61,10 @@ def test_pro_served_from_a_local_folder_of_weights(config, tmp_path: Path) -> No
         ("[models\npro = 1", "settings file"),
         ("[models]\npro = 3\n", "model reference string"),
         ('[models]\nturbo = "ltx-2"\n', "unknown mode(s) turbo"),
+        ("[turbo]\nstandard = 3\n", "[turbo] maps a mode"),
+        ('[speed]\npreset = "ludicrous"\n', "preset must be one of default, fast, turbo, low-vram"),
+        ("[speed]\ncompile = 1\n", "compile is true or false"),
+        ("[speed]\nthreads = 4\n", "unknown key(s) threads"),
     ],
 )
 def test_a_broken_file_is_a_clear_error(config, text: str, message: str) -> None:
@@ -77,3 +84,16 @@ def test_an_unknown_model_name_is_refused(config) -> None:
     config('[models]\npro = "sora"\n')
     with pytest.raises(I2VError, match="unknown model 'sora'"):
         Engine(device="cpu").backend("pro")
+
+
+def test_speed_and_turbo_tables_and_their_env_overrides(config, monkeypatch) -> None:
+    config('[speed]\npreset = "fast"\ncompile = false\n\n[turbo]\nstandard = "fastwan2.2-ti2v-5b=/m/fw"\n')
+    settings = Settings()
+    assert settings.speed == Speed(preset="fast", compile=False)
+    assert settings.turbo_models == {"standard": "fastwan2.2-ti2v-5b=/m/fw", "pro": "ltx-2-distilled"}
+    monkeypatch.setenv("I2V_PRESET", "low-vram")
+    monkeypatch.setenv("I2V_WARMUP", "off")
+    assert Settings().speed == Speed(preset="low-vram", compile=False, warmup=False)
+    monkeypatch.setenv("I2V_BATCHED_CFG", "maybe")
+    with pytest.raises(I2VError, match="I2V_BATCHED_CFG: expected true or false, not 'maybe'"):
+        Settings()

@@ -227,6 +227,7 @@ def test_clip_with_token_plays_downloads_and_stays_in_history(
     expect(page.locator("#start_image-preview")).to_be_visible()
     page.fill("#prompt", PROMPT)
     page.fill("#seed", "7")
+    page.select_option("#preset", "fast")
     shot(page, "01-form")
     page.click("#submit")
 
@@ -270,6 +271,7 @@ def test_clip_with_token_plays_downloads_and_stays_in_history(
     expect(history).to_have_count(2)
     expect(page.locator("#prompt")).to_have_value(PROMPT)
     expect(page.locator("#seed")).to_have_value("7")
+    expect(page.locator("#preset")).to_have_value("fast")
     # A second re-run waits behind the first: the page shows its place in the queue.
     history.nth(1).locator("[data-action=rerun]").click()
     expect(history).to_have_count(3)
@@ -279,6 +281,7 @@ def test_clip_with_token_plays_downloads_and_stays_in_history(
     runs = [api.get(f"/v1/predictions/{id_}").json() for id_ in ids]  # newest first, as listed
     assert [run["input"] for run in runs[:3]] == [runs[2]["input"]] * 3  # re-runs send the same input
     assert runs[2]["input"]["seed"] == 7 and runs[2]["input"]["prompt"] == PROMPT
+    assert runs[2]["input"]["preset"] == "fast"
     # Stop the running one through the API (it may be past its last cancel point and finish instead)
     # and cancel the queued one from the page: the history follows the server either way.
     running = api.post(f"/v1/predictions/{runs[1]['id']}/cancel").json()

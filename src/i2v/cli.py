@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--audio", action="store_true", help="mux the model's soundtrack when it makes one")
+    gen.add_argument(
+        "--preset", help="default, fast (step caching) or turbo (distilled model); see docs/speed.md"
+    )
     gen.add_argument("--model", help="'tiny', a backend name, or NAME=FOLDER_OR_HUB_ID (see `i2v models`)")
     gen.add_argument("-o", "--output", required=True, type=Path)
 
@@ -135,6 +138,7 @@ def _generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         audio=args.audio,
+        preset=args.preset,
     )
     from .engine import Engine
 

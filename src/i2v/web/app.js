@@ -3,7 +3,7 @@
 
 (() => {
   const MODEL = "kwaivgi/kling-v2.1";
-  const FIELDS = ["start_image", "end_image", "prompt", "negative_prompt", "mode", "duration", "seed", "audio"];
+  const FIELDS = ["start_image", "end_image", "prompt", "negative_prompt", "mode", "duration", "seed", "audio", "preset"];
   const IMAGE_FIELDS = ["start_image", "end_image"];
   const TOKEN_KEY = "i2v.token";
   const HISTORY_KEY = "i2v.history";
@@ -213,6 +213,7 @@
     const seed = $("seed").value.trim();
     if (seed !== "") input.seed = /^\d+$/.test(seed) ? Number(seed) : seed; // the server names a bad one
     if ($("audio").checked) input.audio = true;
+    if ($("preset").value) input.preset = $("preset").value;
     return input;
   }
 
@@ -223,6 +224,7 @@
     for (const radio of form.querySelectorAll("[name=duration]")) radio.checked = Number(radio.value) === Number(input.duration || 5);
     $("seed").value = input.seed ?? "";
     $("audio").checked = Boolean(input.audio);
+    $("preset").value = input.preset || "";
     onModeChange();
     updateCount("prompt");
     updateCount("negative_prompt");
