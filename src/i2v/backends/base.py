@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..geometry import Grid
-from ..speed import Speed
+from ..speed import Speed, place
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total); raises `Cancelled` to stop the run."""
@@ -102,13 +102,15 @@ class Backend(ABC):
     def load(self) -> None:
         """Read the weights with `from_pretrained(self.spec.source)`, then `prepare` them; called once."""
 
-    @abstractmethod
     def prepare(self, pipe: Any) -> None:
         """Everything after the weights are read: scheduler, device, speed-ups; sets `self.pipe`.
 
         The GPU benchmark hands it full-size pipelines built in memory with random weights, so what is
-        timed runs the same code as a loaded model.
+        timed runs the same code as a loaded model. This default places the pipeline with the speed-ups.
         """
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.placement = place(pipe, self.device, self.speed, fp8_modules=("transformer",))
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The (width, height) to generate at for an exact output size; the engine fits the images to it."""
