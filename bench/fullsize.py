@@ -4,7 +4,7 @@ Timing does not depend on weight values, so the full-size models are built from 
 `shared/notes/configs.md`) with random weights, directly on the device: building on `meta` and calling
 `to_empty()` would leave Wan's RoPE tables (computed in `__init__`, never saved) as garbage. The dtypes
 follow what `from_pretrained` gives a loaded model: bf16 weights on CUDA, the Wan VAE in float32 (as
-`WanTI2V.load` asks), and each model's `_keep_in_fp32_modules` in float32.
+`WanTI2V.load` asks), and float32 where `from_pretrained` keeps it (`keep_in_fp32`).
 
 The tiny size builds the backend's own tiny twin (`build_tiny`) and reads it back with `from_pretrained`,
 so the CPU smoke run goes through the same code as the full-size one.
@@ -63,12 +63,11 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def keep_in_fp32(model: torch.nn.Module) -> None:
-    """Upcast what `from_pretrained` would keep in float32 (norms, time embedding...), as diffusers and
-    transformers do it: a parameter whose dotted name contains one of the listed module names."""
-    names = getattr(model, "_keep_in_fp32_modules", None) or []
+def keep_in_fp32(model: torch.nn.Module, names: list[str] | set[str] | None) -> None:
+    """Upcast the parameters `from_pretrained` would keep in float32: those whose dotted name contains one
+    of `names` (diffusers' rule)."""
     for name, param in model.named_parameters():
-        if any(keep in name.split(".") for keep in names):
+        if any(keep in name.split(".") for keep in names or ()):
             param.data = param.data.float()
 
 
@@ -81,8 +80,10 @@ def wan_ti2v_full(device: torch.device) -> WanImageToVideoPipeline:
         with default_dtype(device_dtype(device)):
             transformer = WanTransformer3DModel(**WAN_TI2V_TRANSFORMER)
             text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
-    keep_in_fp32(transformer)
-    keep_in_fp32(text_encoder)
+    # diffusers keeps `_keep_in_fp32_modules` in float32 for any dtype; transformers does so in bf16 only
+    # for its `_strict` list (UMT5 has none: its `wo` stays bf16 as loaded).
+    keep_in_fp32(transformer, transformer._keep_in_fp32_modules)
+    keep_in_fp32(text_encoder, text_encoder._keep_in_fp32_modules_strict)
     # The real tokenizer cannot be downloaded; the pipeline pads every prompt to 512 tokens anyway, so the
     # encoder's work is the real one whatever the words map to.
     tokenizer = word_level_tokenizer(UMT5_XXL["vocab_size"])

@@ -233,6 +233,7 @@ def run(
         "transformer_tokens": tokens,
         "transformer_pflop_per_step": flops_per_step / 1e15,
         "ours_placement": backend.placement,
+        "ours_batched_cfg": getattr(backend, "batched_cfg", None) is not None,
         "end_to_end": "extrapolated: before_steps_s + steps_full x s_per_step + decode_s + mp4_encode_s",
     }
     for side, figures in (("stock", stock), ("ours", ours)):
