@@ -188,8 +188,24 @@ def timed_mp4(frames: np.ndarray, size: tuple[int, int], fps: int, preset: str, 
     return time.perf_counter() - start
 
 
+def parse_speed(text: str) -> Speed:
+    """`compile=false,batched_cfg=false,attention=native,preset=fast` -> Speed, to measure one switch at a time."""
+    fields: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        flag = {"true": True, "false": False}.get(value.strip().lower())
+        fields[key.strip()] = flag if key.strip() in ("compile", "batched_cfg", "warmup") else value.strip()
+    return Speed(**fields)
+
+
 def run(
-    model: str, size: str, steps: int, device: torch.device, out: Path, x264_preset: str = "medium"
+    model: str,
+    size: str,
+    steps: int,
+    device: torch.device,
+    out: Path,
+    x264_preset: str = "medium",
+    speed: Speed | None = None,
 ) -> dict[str, Any]:
     cls = BACKENDS[model]
     output = OUTPUT_SIZE[model]
@@ -199,7 +215,7 @@ def run(
             spec, pipe = cls.spec, fullsize.wan_ti2v_full(device)
         else:
             spec, pipe = cls.tiny_spec(folder / "tiny"), fullsize.wan_ti2v_tiny(folder / "tiny", device)
-        backend = cls(spec, device, Speed())
+        backend = cls(spec, device, speed or Speed())
         width, height = backend.model_size(output)
         example = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
         inputs = ModelInputs(
@@ -232,6 +248,7 @@ def run(
         "cfg_forwards_per_step": 2 if guided else 1,
         "transformer_tokens": tokens,
         "transformer_pflop_per_step": flops_per_step / 1e15,
+        "ours_speed": str(speed or Speed()),
         "ours_placement": backend.placement,
         "ours_batched_cfg": getattr(backend, "batched_cfg", None) is not None,
         "end_to_end": "extrapolated: before_steps_s + steps_full x s_per_step + decode_s + mp4_encode_s",
@@ -269,6 +286,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     # `medium` is the product's default; CI passes `ultrafast` to stay quick (the encode is not the point there).
     parser.add_argument("--x264-preset", default="medium")
+    parser.add_argument(
+        "--speed",
+        default="",
+        help="our side's settings, e.g. compile=false,batched_cfg=false (default: all on)",
+    )
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2: step 1 cannot be told apart from what precedes it")
@@ -278,7 +300,8 @@ def main() -> None:
         sys.exit(
             "bench.gpu: --size full builds ~11B parameters and needs a CUDA device; use --size tiny on CPU"
         )
-    run(args.model, args.size, args.steps, torch.device(args.device), args.out, args.x264_preset)
+    speed = parse_speed(args.speed)
+    run(args.model, args.size, args.steps, torch.device(args.device), args.out, args.x264_preset, speed)
 
 
 if __name__ == "__main__":
