@@ -23,7 +23,7 @@ from diffusers import (
 
 from ..batched_cfg import BatchedCFG
 from ..geometry import Grid
-from ..speed import Speed, place, step_cache
+from ..speed import Speed, step_cache
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
 from .tiny_parts import tiny_umt5
 
@@ -67,9 +67,7 @@ class WanTI2V(Backend):
             use_flow_sigmas=True,
             flow_shift=self.spec.shift,
         )
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
-        self.placement = place(pipe, self.device, self.speed, fp8_modules=("transformer",))
+        super().prepare(pipe)  # device and speed-ups
         if self.spec.guidance > 1.0 and self.speed.on(self.speed.batched_cfg, self.device):
             self.batched_cfg = BatchedCFG.attach(pipe.transformer)
 
