@@ -23,9 +23,9 @@ from i2v.request import KlingRequest
 class Predictor(BasePredictor):
     def setup(self) -> None:
         """Load the standard-mode model once; pro mode loads on its first request."""
-        from i2v.engine import Engine
+        from i2v.parallel import open_engine  # I2V_DEVICE=cuda:0+cuda:1 splits each clip across both
 
-        self.engine = Engine(os.environ.get("I2V_MODEL") or None)
+        self.engine = open_engine(os.environ.get("I2V_MODEL") or None)
         self.engine.backend("standard")
 
     def predict(

@@ -68,3 +68,16 @@ def test_gpu_benchmark_smoke_run_on_cpu_reports_both_sides(tmp_path: Path) -> No
     # On CPU our path adds no speed-up, so the same modules, inputs and seed give the same frames.
     assert report["frames_max_abs_diff"] == 0.0
     assert "| ours_s_per_step |" in result.stdout
+
+
+def test_parallel_benchmark_on_two_cpu_ranks_reports_identical_frames(tmp_path: Path) -> None:
+    # Two CPU ranks over gloo: the group's code path, not its speed (that needs GPUs).
+    result = run_bench(
+        "bench.parallel", "--devices", "cpu+cpu", "--model", "tiny", "--repeats", "1", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "parallel.json").read_text())
+    assert report["frames_identical"] is True
+    assert report["single_model_size"] == report["group_model_size"]
+    assert "sequence split across 2 ranks" in report["group_placement"]
+    assert report["speedup_model"] > 0 and report["speedup_end_to_end"] > 0

@@ -54,6 +54,9 @@ def test_user_mistakes_print_one_line_and_exit_2(image_file, tmp_path: Path) -> 
             "--preset",
             "warp",
         ): "error: preset: Input should be 'default', 'fast' or 'turbo'",
+        ("--start-image", good, "--device", "cuda:0+cuda:0"): (
+            "error: device 'cuda:0+cuda:0': each GPU may appear once in a group"
+        ),
     }
     for args, expected in cases.items():
         model = () if "--model" in args else ("--model", "tiny")

@@ -87,6 +87,12 @@ def test_limits_and_the_fetch_allowlist_come_from_the_environment(monkeypatch, t
     monkeypatch.setenv("I2V_MAX_BODY_BYTES", "lots")
     with pytest.raises(ConfigError, match="I2V_MAX_BODY_BYTES"):
         ServerConfig.from_env(data_dir=tmp_path)
+    monkeypatch.delenv("I2V_MAX_BODY_BYTES")
+    monkeypatch.setenv("I2V_DEVICES", "cuda:0+cuda:1,cuda:2")
+    assert ServerConfig.from_env(data_dir=tmp_path).devices == ("cuda:0+cuda:1", "cuda:2")
+    monkeypatch.setenv("I2V_DEVICES", "cuda:0+gpu 1")
+    with pytest.raises(ConfigError, match="I2V_DEVICES: device 'cuda:0\\+gpu 1': 'gpu 1' is not a device"):
+        ServerConfig.from_env(data_dir=tmp_path)
 
 
 def test_the_server_fetches_through_the_operator_allowlist(tmp_path, http_dir, monkeypatch):

@@ -17,6 +17,7 @@ from .request import KlingRequest
 
 if TYPE_CHECKING:
     from .engine import Engine, Result
+    from .parallel import ParallelEngine
 
 __all__ = [
     "Cancelled",
@@ -30,7 +31,7 @@ __all__ = [
     "generate",
 ]
 
-_engines: dict[str | None, Engine] = {}
+_engines: dict[str | None, Engine | ParallelEngine] = {}
 _engines_lock = threading.Lock()
 
 
@@ -45,11 +46,11 @@ def generate(
 
     The engine for `model` is kept, so later calls reuse the loaded weights.
     """
-    from .engine import Engine
+    from .parallel import open_engine
 
     request = KlingRequest(**inputs)
-    with _engines_lock:
-        engine = _engines.get(model) or _engines.setdefault(model, Engine(model))
+    with _engines_lock:  # I2V_DEVICE may name a GPU group ("cuda:0+cuda:1"): one clip across its GPUs
+        engine = _engines.get(model) or _engines.setdefault(model, open_engine(model))
     return engine.generate(request, output, on_progress=on_progress)
 
 

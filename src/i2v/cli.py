@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         "--preset", help="default, fast (step caching) or turbo (distilled model); see docs/speed.md"
     )
     gen.add_argument("--model", help="'tiny', a backend name, or NAME=FOLDER_OR_HUB_ID (see `i2v models`)")
+    gen.add_argument(
+        "--device",
+        help="cuda:1, cpu, or a GPU group like cuda:0+cuda:1 that splits the clip across its GPUs "
+        "(default: $I2V_DEVICE, else the first GPU)",
+    )
     gen.add_argument("-o", "--output", required=True, type=Path)
 
     commands.add_parser("models", help="list the backends and whether their weights are here")
@@ -140,9 +145,9 @@ def _generate(args: argparse.Namespace) -> int:
         audio=args.audio,
         preset=args.preset,
     )
-    from .engine import Engine
+    from .parallel import open_engine
 
-    return _render(Engine(args.model), request, args.output)
+    return _render(open_engine(args.model, device=args.device), request, args.output)
 
 
 def _render(engine: object, request: KlingRequest, output: Path) -> int:

@@ -1,7 +1,9 @@
 """The engine: one Kling request in, one exact mp4 out.
 
-    request -> images fetched and checked -> output size from the start image -> backend for the mode
-    -> inputs fitted to the model's grid -> diffusers pipeline -> frames at 24 fps -> mp4 at exact size
+    plan:  request -> images fetched and checked -> output size from the start image -> backend for the
+           mode -> inputs fitted to the model's grid
+    run:   diffusers pipeline -> frames on the model's grid
+    write: frames at 24 fps -> mp4 at exact size
 
 Pipelines load once per backend and stay resident across requests.
 """
@@ -43,6 +45,16 @@ class Result:
     num_frames: int
     fps: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request resolved to one model run: all a GPU of a context-parallel group needs to run it too."""
+
+    mode: str
+    preset: str
+    inputs: ModelInputs
+    size: tuple[int, int]  # the exact output (width, height)
 
 
 @dataclass
@@ -126,19 +138,11 @@ class Engine:
             seconds[mode] = time.perf_counter() - clock
         return seconds
 
-    def render(
-        self,
-        request: KlingRequest,
-        *,
-        on_progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> Rendered:
-        """Run the model for a request; the frames come back on the model's grid and at its fps."""
-        report = Reporter(on_progress, cancel)
+    def plan(self, request: KlingRequest, report: Reporter, timings: dict[str, float] | None = None) -> Plan:
+        """Resolve a request to one model run: fetch and check its images, load the backend, fix the seed
+        and fit the inputs to the model's grid."""
         timings = timings if timings is not None else {}
         clock = time.perf_counter()
-
         report("loading inputs")
         start = self.loader.load(request.start_image, "start_image")
         end = self.loader.load(request.end_image, "end_image") if request.end_image is not None else None
@@ -167,8 +171,15 @@ class Engine:
             num_frames=spec.frames_for(request.duration),
             seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
             audio=request.audio,
-            step_cache=preset == "fast",
+            # Ranks of a context-parallel group would each decide on their own share of the tokens.
+            step_cache=preset == "fast" and backend.parallel_degree == 1,
         )
+        return Plan(mode=request.mode, preset=preset, inputs=inputs, size=size)
+
+    def run(self, plan: Plan, report: Reporter, timings: dict[str, float] | None = None) -> Rendered:
+        """Run the model on a plan; the frames come back on the model's grid and at its fps."""
+        timings = timings if timings is not None else {}
+        backend, inputs = self.backend(plan.mode, plan.preset), plan.inputs
 
         def on_step(step: int, total: int) -> None:
             report("denoising", step, total)
@@ -181,7 +192,19 @@ class Engine:
             clip = backend.generate(inputs, on_step)
         timings["generate"] = time.perf_counter() - clock
         report.check_cancel()
-        return Rendered(clip=clip, inputs=inputs, backend=backend, size=size)
+        return Rendered(clip=clip, inputs=inputs, backend=backend, size=plan.size)
+
+    def render(
+        self,
+        request: KlingRequest,
+        *,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Rendered:
+        """Plan and run a request; the frames come back on the model's grid and at its fps."""
+        report = Reporter(on_progress, cancel)
+        return self.run(self.plan(request, report, timings), report, timings)
 
     def generate(
         self,
@@ -193,9 +216,21 @@ class Engine:
     ) -> Result:
         """Render a request to an mp4 at `output` (H.264, 24 fps, exact size); returns what was made."""
         timings: dict[str, float] = {}
-        rendered = self.render(request, on_progress=on_progress, cancel=cancel, timings=timings)
-        clip, inputs, spec = rendered.clip, rendered.inputs, rendered.backend.spec
         report = Reporter(on_progress, cancel)
+        rendered = self.run(self.plan(request, report, timings), report, timings)
+        return self.write(rendered, request, output, report, timings)
+
+    def write(
+        self,
+        rendered: Rendered,
+        request: KlingRequest,
+        output: str | Path,
+        report: Reporter,
+        timings: dict[str, float] | None = None,
+    ) -> Result:
+        """Map rendered frames to 24 fps and the exact size, and encode the mp4."""
+        timings = timings if timings is not None else {}
+        clip, inputs, spec = rendered.clip, rendered.inputs, rendered.backend.spec
         frames = to_uint8(clip.frames) if clip.frames.dtype != "uint8" else clip.frames
         if clip.fps != FPS:
             report("retiming")

@@ -27,11 +27,15 @@ class Grid:
     max_area: int
     multiple: int
 
-    def size_for(self, aspect: float) -> tuple[int, int]:
+    def size_for(self, aspect: float, tokens_multiple: int = 1) -> tuple[int, int]:
         """The grid size closest in aspect to `aspect` (width/height), Wan2.2's `best_output_size` rule.
 
         Rounding the width first and the height first give two candidates; the one whose aspect is nearer
         wins. Both keep the area within `max_area`.
+
+        `tokens_multiple`: the number of tokens per frame, (width / multiple) * (height / multiple) for our
+        models, must divide by it, so that N GPUs can split the sequence evenly (i2v.parallel). When the
+        nearest size does not, the best one that does within 20% of its area is taken.
         """
         m, area = self.multiple, self.max_area
         width = math.sqrt(area * aspect)
@@ -41,10 +45,28 @@ class Grid:
         h2 = max(m, int(height // m * m))
         w2 = max(m, int(area / h2 // m * m))
 
-        def error(w: int, h: int) -> float:
+        def error(size: tuple[int, int]) -> float:
+            w, h = size
             return max(aspect / (w / h), (w / h) / aspect)
 
-        return (w1, h1) if error(w1, h1) < error(w2, h2) else (w2, h2)
+        best = min((w2, h2), (w1, h1), key=error)  # a tie goes to the height-first candidate, as in Wan
+        if self.tokens(best) % tokens_multiple == 0:
+            return best
+        floor = 0.8 * best[0] * best[1]
+        candidates = [
+            (w, h)
+            for h in range(m, area // m + 1, m)
+            for w in range(area // h // m * m, m - 1, -m)
+            if w * h >= floor and self.tokens((w, h)) % tokens_multiple == 0
+        ]
+        if not candidates:
+            raise ValueError(f"no size on this grid near aspect {aspect:.3f} splits across {tokens_multiple}")
+        # Pixels over aspect error, the error counted twice: a crop loses picture, fewer pixels only detail.
+        return max(candidates, key=lambda size: size[0] * size[1] / error(size) ** 2)
+
+    def tokens(self, size: tuple[int, int]) -> int:
+        """Tokens per frame at a grid size: one per `multiple` x `multiple` pixels."""
+        return (size[0] // self.multiple) * (size[1] // self.multiple)
 
 
 def cover_crop_box(width: int, height: int, aspect: float) -> tuple[int, int, int, int]:

@@ -49,6 +49,8 @@ class Speed:
     compile: bool | None = None
     batched_cfg: bool | None = None
     warmup: bool | None = None
+    # GPUs one request is split across (Ulysses, i2v.parallel); set from the worker's device group.
+    context_parallel: int = 1
 
     @property
     def fp8(self) -> bool:
@@ -78,15 +80,27 @@ def attention_available(name: str) -> bool:
     return True
 
 
-def choose_attention(wanted: str, device: torch.device) -> str:
-    """The attention backend to use: `wanted` when it is available, else the fastest one that is."""
+def splits_sequence(name: str) -> bool:
+    """Whether diffusers can run this attention backend under context parallelism."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    return _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name))
+
+
+def choose_attention(wanted: str, device: torch.device, context_parallel: bool = False) -> str:
+    """The attention backend to use: `wanted` when it is available, else the fastest one that is
+    (under context parallelism, the fastest that can split the sequence: FA3 cannot in diffusers 0.42)."""
     if device.type != "cuda":
         return "native"
+
+    def usable(name: str) -> bool:
+        return attention_available(name) and (not context_parallel or splits_sequence(name))
+
     if wanted != "auto":
-        if attention_available(wanted):
+        if usable(wanted):
             return wanted
-        log.warning("attention backend %r is not available here; choosing one", wanted)
-    return next(name for name in ATTENTION_ORDER if attention_available(name))
+        log.warning("attention backend %r is not usable here; choosing one", wanted)
+    return next(name for name in ATTENTION_ORDER if usable(name))
 
 
 def place(
@@ -96,11 +110,13 @@ def place(
     *,
     fp8_modules: tuple[str, ...] = (),
     compile_blocks: bool = True,
+    context_parallel: int = 1,
 ) -> str:
     """Move a loaded pipeline onto `device` and apply the load-time speed settings; returns a summary.
 
     `fp8_modules` names the pipeline's transformers whose weights the `fast` preset stores in fp8;
-    `compile_blocks` is False where the model switches LoRA adapters between calls (a recompile each time).
+    `compile_blocks` is False where the model switches LoRA adapters between calls (a recompile each time);
+    `context_parallel` > 1 splits each transformer's sequence across that many ranks (`i2v.parallel`).
     """
     done = []
     for name in fp8_modules if speed.fp8 else ():
@@ -121,14 +137,21 @@ def place(
     else:
         pipe.to(device)
     transformers = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m]
-    attention = choose_attention(speed.attention, device)
+    attention = choose_attention(speed.attention, device, context_parallel > 1)
     if attention != "native":
         for model in transformers:
             model.set_attention_backend(attention)
     done.append(f"attention {attention}")
+    if context_parallel > 1:
+        from .parallel import split_sequence
+
+        for model in transformers:
+            split_sequence(model, context_parallel, device)
+        done.append(f"sequence split across {context_parallel} ranks")
     if compile_blocks and speed.on(speed.compile, device) and not speed.low_vram:  # offload hooks do not mix
         for model in transformers:
-            model.compile_repeated_blocks(fullgraph=True)
+            # The context-parallel hook on the first block breaks its graph; the other blocks stay whole.
+            model.compile_repeated_blocks(fullgraph=context_parallel == 1)
         done.append("compiled blocks")
     return ", ".join(done)
 

@@ -90,6 +90,9 @@ class Backend(ABC):
     tiny_steps: ClassVar[int] = 2
     # The `fast` preset's FirstBlockCache threshold; None where diffusers cannot cache the model's blocks.
     cache_threshold: ClassVar[float | None] = None
+    # Whether diffusers can split the model's sequence across GPUs (its transformer has a `_cp_plan` that
+    # works for this pipeline); others run on one GPU of a context-parallel group.
+    context_parallel: ClassVar[bool] = False
 
     def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
         self.spec = spec  # the instance's spec: the class's, a tiny twin's, or one with a local source
@@ -110,11 +113,18 @@ class Backend(ABC):
         """
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
-        self.placement = place(pipe, self.device, self.speed, fp8_modules=("transformer",))
+        self.placement = place(
+            pipe, self.device, self.speed, fp8_modules=("transformer",), context_parallel=self.parallel_degree
+        )
+
+    @property
+    def parallel_degree(self) -> int:
+        """The GPUs one generation is split across: the group's size where the model can be split, else 1."""
+        return self.speed.context_parallel if self.context_parallel else 1
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The (width, height) to generate at for an exact output size; the engine fits the images to it."""
-        return self.spec.grid.size_for(output_size[0] / output_size[1])
+        return self.spec.grid.size_for(output_size[0] / output_size[1], tokens_multiple=self.parallel_degree)
 
     def total_steps(self, inputs: ModelInputs | None = None) -> int:
         """Denoising steps one generation reports, all stages together."""

@@ -45,6 +45,7 @@ class WanTI2V(Backend):
         max_area=128 * 128, multiple=32
     )  # e.g. 160x96 for 16:9: the VAE decode dominates CPU time
     cache_threshold = 0.05
+    context_parallel = True
 
     def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
         super().__init__(spec, device, speed)

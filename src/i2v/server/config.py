@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..devices import device_group
+from ..errors import I2VError
 from ..images import _allowlist_from_env
 from .webhooks import RETRY_DELAYS
 
@@ -90,6 +92,7 @@ class ServerConfig:
     - retry_on_restart: a prediction interrupted by a restart of the server or of its worker process runs
       once more instead of failing (`I2V_RETRY_ON_RESTART=1`).
     - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); None lets the engine choose.
+      An entry may be a group, `cuda:0+cuda:1`: its worker splits each request across those GPUs.
     - fetch_allow: hosts or networks image URLs may reach although private (`I2V_FETCH_ALLOW`).
     - max_body_bytes: largest request body outside the Files API (`I2V_MAX_BODY_BYTES`); 413 above it.
     - request_rate / create_rate: API requests / prediction creates per minute per token
@@ -141,6 +144,11 @@ class ServerConfig:
                 f"got {public_url!r}"
             )
         devices_env = [d.strip() for d in os.environ.get("I2V_DEVICES", "").split(",") if d.strip()]
+        for spec in devices_env:
+            try:
+                device_group(spec)
+            except I2VError as exc:
+                raise ConfigError(f"I2V_DEVICES: {exc}") from exc
         return cls(
             data_dir=Path(data_dir).expanduser() if data_dir else _default_data_dir(),
             model=model or os.environ.get("I2V_MODEL", "").strip() or None,

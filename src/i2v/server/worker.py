@@ -1,4 +1,4 @@
-"""The local runner: one worker process per GPU, each running one prediction at a time.
+"""The local runner: one worker process per GPU (or GPU group), each running one prediction at a time.
 
 The worker process is the only place the engine (and so torch) is imported. It talks to the server over a
 pipe: the server sends ("run", job), ("cancel", id) and ("stop",); the worker answers with events.
@@ -68,7 +68,9 @@ class WorkerProcess:
             target=worker_main,
             args=(child, self.model, self.device),
             name=f"i2v-worker-{self.index}",
-            daemon=True,
+            # Not daemonic, so that a GPU group's worker may start its follower ranks; it still exits as
+            # soon as the server's end of the pipe closes, and stop() ends it.
+            daemon=False,
         )
         self.process.start()
         child.close()
@@ -238,11 +240,12 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
     engine: Any = None
     setup_error: str | None = None
     try:
-        from ..engine import Engine
         from ..images import ImageLoader
+        from ..parallel import open_engine
 
         # Images come from the network: URLs and data URIs only, never a path on this machine.
-        engine = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
+        # A device group ("cuda:0+cuda:1") gives one engine that splits each request across its GPUs.
+        engine = open_engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
         engine.backend(SETUP_MODE)
         speed = engine.settings.speed
         if speed.on(speed.warmup, engine.device):  # compile and tune now, not in the first request
@@ -264,6 +267,9 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
         _run_job(job, engine, setup_error, cancel, send)
         with state_lock:
             current.update(id=None, cancel=None)
+        if not getattr(engine, "healthy", True):  # a GPU group broken mid-run: start afresh
+            log.error("the GPU group failed; this worker exits and the server starts a new one")
+            os._exit(70)
 
 
 def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.Event, send: Any) -> None:
