@@ -7,6 +7,7 @@ If the server dies, the pipe closes and the worker exits at once, so no orphan k
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -19,6 +20,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..devices import GROUP_SEPARATOR
 from .runner import (
     Canceled,
     Event,
@@ -68,9 +70,9 @@ class WorkerProcess:
             target=worker_main,
             args=(child, self.model, self.device),
             name=f"i2v-worker-{self.index}",
-            # Not daemonic, so that a GPU group's worker may start its follower ranks; it still exits as
-            # soon as the server's end of the pipe closes, and stop() ends it.
-            daemon=False,
+            # A group's worker starts its follower ranks, which a daemonic process may not; it still exits
+            # as soon as the server's end of the pipe closes, and the runner's stop() (also at exit) ends it.
+            daemon=GROUP_SEPARATOR not in (self.device or ""),
         )
         self.process.start()
         child.close()
@@ -166,6 +168,7 @@ class LocalRunner:
 
     def start(self, on_event: EventCallback) -> None:
         self._workers = [WorkerProcess(i, self.model, d, on_event) for i, d in enumerate(self.devices)]
+        atexit.register(self.stop)  # before multiprocessing joins the non-daemonic (group) workers at exit
 
     def _accepting(self) -> list[WorkerProcess]:
         # A worker whose setup failed still takes jobs: each fails with the reason instead of waiting forever.
