@@ -216,9 +216,8 @@ class Engine:
     ) -> Result:
         """Render a request to an mp4 at `output` (H.264, 24 fps, exact size); returns what was made."""
         timings: dict[str, float] = {}
-        report = Reporter(on_progress, cancel)
-        rendered = self.run(self.plan(request, report, timings), report, timings)
-        return self.write(rendered, request, output, report, timings)
+        rendered = self.render(request, on_progress=on_progress, cancel=cancel, timings=timings)
+        return self.write(rendered, request, output, Reporter(on_progress, cancel), timings)
 
     def write(
         self,
