@@ -8,7 +8,6 @@ KlingRequest's.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path as _LocalPath
@@ -23,9 +22,11 @@ from i2v.request import KlingRequest
 class Predictor(BasePredictor):
     def setup(self) -> None:
         """Load the standard-mode model once; pro mode loads on its first request."""
-        from i2v.parallel import open_engine  # I2V_DEVICE=cuda:0+cuda:1 splits each clip across both
+        from i2v.engine import Engine  # I2V_DEVICE=cuda:0+cuda:1 splits each clip across both
+        from i2v.settings import Settings
 
-        self.engine = open_engine(os.environ.get("I2V_MODEL") or None)
+        settings = Settings()
+        self.engine = Engine(settings.served_model, settings=settings)  # I2V_MODEL, e.g. "tiny"
         self.engine.backend("standard")
 
     def predict(

@@ -149,7 +149,7 @@ def run_stock(
     def call() -> np.ndarray:
         return pipe(
             image=inputs.image, prompt=inputs.prompt, negative_prompt=inputs.negative_prompt,
-            height=inputs.height, width=inputs.width, num_frames=inputs.num_frames,
+            height=inputs.height, width=inputs.width, num_frames=inputs.model_frames,
             num_inference_steps=inputs.steps, guidance_scale=spec.guidance, generator=inputs.generator(),
             output_type="np", callback_on_step_end=step_end,
         ).frames[0]  # fmt: skip
@@ -220,7 +220,7 @@ def run(
         example = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
         inputs = ModelInputs(
             prompt=PROMPT, negative_prompt=NEGATIVE, image=fit_image(Image.open(example).convert("RGB"), (width, height)),
-            end_image=None, width=width, height=height, num_frames=spec.frames_for(5), seed=SEED, steps=steps,
+            end_image=None, width=width, height=height, model_frames=spec.frames_for(5), seed=SEED, steps=steps,
         )  # fmt: skip
         with torch.inference_mode():
             stock, stock_frames = run_stock(pipe, spec, inputs, device)
@@ -229,7 +229,7 @@ def run(
         ours["mp4_encode_s"] = timed_mp4(our_frames, output, spec.fps, x264_preset, folder / "ours.mp4")
 
     guided = spec.guidance > 1.0
-    tokens = wan_tokens(pipe, width, height, inputs.num_frames)
+    tokens = wan_tokens(pipe, width, height, inputs.model_frames)
     flops_per_step = transformer_flops_per_forward(pipe.transformer.config, tokens, TEXT_TOKENS) * (
         2 if guided else 1
     )
@@ -240,7 +240,7 @@ def run(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "model": spec.name,
         "size": size,
-        "grid": f"{width}x{height}x{inputs.num_frames}",
+        "grid": f"{width}x{height}x{inputs.model_frames}",
         "output": f"{output[0]}x{output[1]}",
         "x264_preset": x264_preset,
         "steps_timed": steps,

@@ -3,7 +3,7 @@
     python -m bench.parallel --devices cuda:0+cuda:1 [--model wan2.2-ti2v-5b=/models/ti2v] [--repeats 2]
     python -m bench.parallel --devices cpu+cpu --model tiny      # CI-sized: two CPU ranks over gloo
 
-Both engines live in this run: `Engine` on the first device, then `ParallelEngine` on the whole group
+Both engines live in this run: `Engine` on the first device, then `Engine` on the whole group
 (its followers load the model with `from_pretrained`, so on GPUs this needs the real weights: a hub id,
 the HF cache or a local folder). Each renders the same standard-mode request and seed; the report gives
 the median model time (`generate`: text encoder, denoising, VAE) and end-to-end time of each, the
@@ -33,7 +33,6 @@ from bench.report import machine, write_report
 from i2v import KlingRequest
 from i2v.devices import device_group
 from i2v.engine import Engine
-from i2v.parallel import ParallelEngine
 
 
 def square_image(side: int = 960) -> str:
@@ -47,7 +46,7 @@ def square_image(side: int = 960) -> str:
     return str(path)
 
 
-def timed(engine: Engine | ParallelEngine, request: KlingRequest, output: Path) -> tuple[float, float]:
+def timed(engine: Engine, request: KlingRequest, output: Path) -> tuple[float, float]:
     """(model seconds, end-to-end seconds) of one request."""
     clock = time.perf_counter()
     result = engine.generate(request, output)
@@ -63,9 +62,7 @@ def run(devices: str, model: str | None, repeats: int, duration: int, out: Path)
     sides: dict[str, dict[str, object]] = {}
     frames: dict[str, np.ndarray] = {}
     for name in ("single", "group"):
-        engine: Engine | ParallelEngine = (
-            Engine(model, device=group[0]) if name == "single" else ParallelEngine(model, devices=group)
-        )
+        engine = Engine(model, device=group[0] if name == "single" else devices)
         backend = engine.backend(request.mode)
         size = backend.model_size((720, 720))
         frames[name] = engine.render(request).clip.frames  # also the warm-up: compiles and tunes first
@@ -76,8 +73,7 @@ def run(devices: str, model: str | None, repeats: int, duration: int, out: Path)
             "model_size": f"{size[0]}x{size[1]}",
             "placement": backend.placement,
         }
-        if isinstance(engine, ParallelEngine):
-            engine.close()
+        engine.close()
         del engine, backend  # the single engine's weights leave the first GPU before the group loads there
         gc.collect()
         if torch.cuda.is_available():

@@ -62,10 +62,10 @@ class FaultInjection(Backend):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of dying
             resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_BYTES, self._fsize[1]))
             noise = np.random.default_rng(0).integers(
-                0, 256, (inputs.num_frames, inputs.height, inputs.width, 3)
+                0, 256, (inputs.model_frames, inputs.height, inputs.width, 3)
             )
             return Clip(frames=noise.astype(np.uint8), fps=self.spec.fps)  # noise: a file far over the limit
-        frames = np.zeros((inputs.num_frames, inputs.height, inputs.width, 3), dtype=np.uint8)
+        frames = np.zeros((inputs.model_frames, inputs.height, inputs.width, 3), dtype=np.uint8)
         return Clip(frames=frames, fps=self.spec.fps)
 
     @classmethod

@@ -14,7 +14,7 @@ from conftest import decode_frames, probe
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
-from i2v import Cancelled, Engine, KlingRequest, Progress
+from i2v import Canceled, Engine, KlingRequest, Progress
 from i2v.backends import ensure_tiny, resolve
 from i2v.backends.wan_ti2v import WanTI2V
 from i2v.errors import InputError, ModelUnavailable
@@ -193,7 +193,7 @@ def test_cancel_stops_between_steps_and_leaves_no_file(engine: Engine, image_fil
             cancel.set()
 
     request = KlingRequest(prompt="sky", start_image=str(image_file(640, 360)), seed=1)
-    with pytest.raises(Cancelled):
+    with pytest.raises(Canceled):
         engine.generate(request, tmp_path / "a.mp4", on_progress=on_progress, cancel=cancel)
     assert steps == [1]
     assert list(tmp_path.glob("*.mp4")) == []
@@ -209,7 +209,7 @@ def test_cancel_during_the_encode_leaves_no_file(engine: Engine, image_file, tmp
             cancel.set()  # the encoder has opened its partial file when it next checks
 
     request = KlingRequest(prompt="sky", start_image=str(image_file(640, 360)), seed=1)
-    with pytest.raises(Cancelled):
+    with pytest.raises(Canceled):
         engine.generate(request, tmp_path / "a.mp4", on_progress=on_progress, cancel=cancel)
     assert stages[-1] == "encoding video"
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".png"] == []  # no mp4, no hidden partial

@@ -17,6 +17,7 @@ from i2v.server.config import ConfigError, ServerConfig
 from i2v.server.limits import RateLimiter, token_owner
 from i2v.server.store import Store
 from i2v.server.worker import out_of_memory_advice
+from i2v.settings import Settings
 
 
 class IdleRunnerForTests:
@@ -124,23 +125,23 @@ def test_an_older_database_gains_the_owner_columns(tmp_path):
 
 
 def test_out_of_memory_advice_names_what_to_reduce():
-    assert "mode standard" in out_of_memory_advice({"mode": "pro", "duration": 10})
-    assert "duration 5" in out_of_memory_advice({"mode": "pro", "duration": 10})
-    advice = out_of_memory_advice({"mode": "standard", "duration": 5})
+    assert "mode standard" in out_of_memory_advice("pro", 10)
+    assert "duration 5" in out_of_memory_advice("pro", 10)
+    advice = out_of_memory_advice("standard", 5)
     assert advice.startswith("out of GPU memory") and "more memory" in advice
 
 
 def test_backend_plugins_come_from_the_environment(monkeypatch, tmp_path):
     assert "fault-injection" not in registered()  # the product's registry has no test backend
     monkeypatch.setenv("I2V_EXTRA_BACKENDS", "fault_backends:FaultInjection")
-    cls, spec = resolve("fault-injection", tmp_path)
+    cls, spec = resolve("fault-injection", tmp_path, Settings().extra_backends)
     assert cls.__name__ == "FaultInjection" and spec.name == "fault-injection"
     monkeypatch.setenv("I2V_EXTRA_BACKENDS", "fault_backends:NoSuchThing")
     with pytest.raises(ModelUnavailable, match="I2V_EXTRA_BACKENDS"):
-        resolve("fault-injection", tmp_path)
+        resolve("fault-injection", tmp_path, Settings().extra_backends)
     monkeypatch.setenv("I2V_EXTRA_BACKENDS", "pathlib:Path")
     with pytest.raises(ModelUnavailable, match="not a Backend"):
-        resolve("fault-injection", tmp_path)
+        resolve("fault-injection", tmp_path, Settings().extra_backends)
 
 
 def test_files_never_map_an_id_outside_their_folder(tmp_path):

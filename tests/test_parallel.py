@@ -6,7 +6,6 @@ transformer, the collective cancel, the fallback to rank 0) is this same code.
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -19,26 +18,23 @@ import pytest
 from conftest import probe
 from serverproc import ServerProcess, data_uri
 
-from i2v import Cancelled, Engine, KlingRequest, Progress
+from i2v import Canceled, Engine, KlingRequest, Progress
 from i2v.devices import device_group
 from i2v.errors import I2VError
 from i2v.geometry import Grid
-from i2v.parallel import ParallelEngine
 from i2v.settings import Settings
 from i2v.speed import Speed
 
 # Batched CFG is on, as it is on GPUs, so its hook and the context-parallel hooks are checked together.
 # Pro runs on Wan2.1 FLF2V here, which splits; the default LTX-2 (which does not) is in the server test.
-SETTINGS = dataclasses.replace(
-    Settings(),
-    speed=Speed(batched_cfg=True),
-    models={"standard": "wan2.2-ti2v-5b", "pro": "wan2.1-flf2v-14b"},
+SETTINGS = Settings(
+    speed=Speed(batched_cfg=True), models={"standard": "wan2.2-ti2v-5b", "pro": "wan2.1-flf2v-14b"}
 )
 
 
 @pytest.fixture(scope="module")
-def group(_cache_dir: Path) -> Iterator[ParallelEngine]:
-    engine = ParallelEngine("tiny", devices=("cpu", "cpu"), settings=SETTINGS)
+def group(_cache_dir: Path) -> Iterator[Engine]:
+    engine = Engine("tiny", device="cpu+cpu", settings=SETTINGS)
     yield engine
     engine.close()
 
@@ -78,7 +74,7 @@ def test_the_grid_gives_every_rank_an_equal_share(ranks: int) -> None:
 
 
 def test_two_ranks_render_the_same_frames_as_one(
-    group: ParallelEngine, single: Engine, image_file, tmp_path: Path
+    group: Engine, single: Engine, image_file, tmp_path: Path
 ) -> None:
     request = KlingRequest(prompt="waves roll in", start_image=str(image_file(300, 300)), seed=3)
     backend = group.backend("standard")
@@ -90,7 +86,7 @@ def test_two_ranks_render_the_same_frames_as_one(
 
 
 def test_a_wide_clip_is_generated_at_a_size_the_ranks_can_split(
-    group: ParallelEngine, single: Engine, image_file, tmp_path: Path
+    group: Engine, single: Engine, image_file, tmp_path: Path
 ) -> None:
     backend = group.backend("standard")
     alone, split = single.backend("standard").model_size((1280, 720)), backend.model_size((1280, 720))
@@ -102,7 +98,7 @@ def test_a_wide_clip_is_generated_at_a_size_the_ranks_can_split(
     assert (info["width"], info["height"], info["frames"], info["fps"]) == (1280, 720, 121, 24)
 
 
-def test_cancel_stops_every_rank_at_the_same_step(group: ParallelEngine, image_file, tmp_path: Path) -> None:
+def test_cancel_stops_every_rank_at_the_same_step(group: Engine, image_file, tmp_path: Path) -> None:
     request = KlingRequest(prompt="waves roll in", start_image=str(image_file(300, 300)), seed=4)
     cancel = threading.Event()
     seen: list[Progress] = []
@@ -112,7 +108,7 @@ def test_cancel_stops_every_rank_at_the_same_step(group: ParallelEngine, image_f
         if progress.stage == "denoising" and progress.step == 1:
             cancel.set()  # rank 0 only: the followers learn it from the next collective check
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(Canceled):
         group.generate(request, tmp_path / "canceled.mp4", on_progress=on_progress, cancel=cancel)
     assert not (tmp_path / "canceled.mp4").exists()
     assert [p.step for p in seen if p.stage == "denoising"] == [0, 1]
@@ -121,7 +117,7 @@ def test_cancel_stops_every_rank_at_the_same_step(group: ParallelEngine, image_f
     assert probe(after.path)["frames"] == 121
 
 
-def test_the_keyframe_wan_model_splits_too(group: ParallelEngine, single: Engine, image_file) -> None:
+def test_the_keyframe_wan_model_splits_too(group: Engine, single: Engine, image_file) -> None:
     start, end = str(image_file(300, 300, seed=1)), str(image_file(300, 300, seed=2))
     request = KlingRequest(prompt="a door opens", start_image=start, end_image=end, mode="pro", seed=2)
     ours = group.render(request)
@@ -130,9 +126,9 @@ def test_the_keyframe_wan_model_splits_too(group: ParallelEngine, single: Engine
     np.testing.assert_array_equal(ours.clip.frames, single.render(request).clip.frames)
 
 
-def test_one_group_per_process(group: ParallelEngine) -> None:
+def test_one_group_per_process(group: Engine) -> None:
     with pytest.raises(I2VError, match="one device group at a time"):
-        ParallelEngine("tiny", devices=("cpu", "cpu"), settings=SETTINGS)
+        Engine("tiny", device="cpu+cpu", settings=SETTINGS)
 
 
 def test_a_dead_rank_ends_the_group(tmp_path: Path, _cache_dir: Path) -> None:
@@ -141,9 +137,9 @@ def test_a_dead_rank_ends_the_group(tmp_path: Path, _cache_dir: Path) -> None:
     script = textwrap.dedent(
         """
         import time
-        from i2v.parallel import ParallelEngine
-        group = ParallelEngine("tiny", devices=("cpu", "cpu"))
-        group._followers[0][0].kill()
+        from i2v.engine import Engine
+        group = Engine("tiny", device="cpu+cpu")
+        group.executor.followers[0].process.kill()
         time.sleep(60)
         """
     )

@@ -14,7 +14,8 @@ from conftest import make_image
 from i2v.request import KlingRequest
 from i2v.server import cog_schema
 from i2v.server.config import ConfigError, ServerConfig, parse_duration
-from i2v.server.store import FAILED, QUEUED, RUNNING, PredictionRow, Store, utcnow
+from i2v.server.states import FAILED, QUEUED, RUNNING
+from i2v.server.store import PredictionRow, Store, utcnow
 from i2v.server.webhooks import new_secret, sign
 
 
@@ -26,7 +27,7 @@ def test_http_layer_never_imports_torch(tmp_path):
         "from i2v.server.app import create_app\n"
         "from i2v.server.config import ServerConfig\n"
         f"app = create_app(ServerConfig(data_dir=Path({str(tmp_path)!r}), tokens=('t',)))\n"
-        "import i2v.cli, i2v.server.main\n"
+        "import i2v.cli, i2v.server.main, i2v.settings, i2v.speed\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'i2v.engine') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
@@ -50,6 +51,27 @@ def test_serve_refuses_to_start_without_a_token(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_a_bad_setting_stops_serve_with_one_line_naming_it(tmp_path):
+    """Both parsers of flags agree now: junk is an error, never silently false (retries were turned off)."""
+    for name, value, expected in (
+        ("I2V_RETRY_ON_RESTART", "ture", "I2V_RETRY_ON_RESTART: expected true or false, not 'ture'"),
+        ("I2V_BATCHED_CFG", "maybe", "I2V_BATCHED_CFG: expected true or false, not 'maybe'"),
+        ("I2V_CREATE_RATE", "lots", "I2V_CREATE_RATE: expected a whole number"),
+    ):
+        env = {**os.environ, "I2V_API_TOKEN": "t", name: value}
+        out = subprocess.run(
+            [sys.executable, "-m", "i2v", "serve", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert out.returncode == 2, out.stderr
+        (line,) = out.stderr.strip().splitlines()
+        assert line.startswith(f"error: {expected}"), out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_config_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("I2V_API_TOKEN", "a, b,,c")
     monkeypatch.setenv("I2V_RETENTION", "2h")
@@ -64,6 +86,11 @@ def test_config_from_env(monkeypatch, tmp_path):
         ServerConfig.from_env(data_dir=tmp_path)
     assert ServerConfig.from_env(data_dir=tmp_path, no_auth=True).host == "127.0.0.1"  # loopback unless told
     assert ServerConfig.from_env(data_dir=tmp_path, no_auth=True, host="0.0.0.0").host == "0.0.0.0"
+    monkeypatch.setenv("I2V_RETRY_ON_RESTART", "yes")
+    assert ServerConfig.from_env(data_dir=tmp_path, no_auth=True).retry_on_restart
+    monkeypatch.setenv("I2V_RETRY_ON_RESTART", "ture")
+    with pytest.raises(ConfigError, match="I2V_RETRY_ON_RESTART: expected true or false, not 'ture'"):
+        ServerConfig.from_env(data_dir=tmp_path, no_auth=True)
     assert parse_duration("off", "x") is None and parse_duration("90s", "x") == 90
     with pytest.raises(ConfigError, match="I2V_RETENTION"):
         parse_duration("soon", "I2V_RETENTION")
@@ -187,9 +214,9 @@ def test_public_url_shapes_every_url_and_own_files_resolve_behind_it(tmp_path):
     )
     assert created.status_code == 201, created.text
     assert created.json()["urls"]["get"].startswith(f"{public}/v1/predictions/")
-    service = app.state.service
-    assert service.own_file_id(upload["urls"]["get"], ()) == upload["id"]
-    assert service.own_file_id("https://elsewhere.example.com/v1/files/" + upload["id"], ()) is None
+    intake = app.state.service.intake
+    assert intake.own_file_id(upload["urls"]["get"], ()) == upload["id"]
+    assert intake.own_file_id("https://elsewhere.example.com/v1/files/" + upload["id"], ()) is None
     page = client.get("/v1/predictions").json()
     assert page["results"][0]["id"] == created.json()["id"]
     assert (

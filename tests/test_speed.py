@@ -17,15 +17,16 @@ from conftest import probe
 from diffusers.hooks import HookRegistry
 
 from i2v import Engine, KlingRequest, Progress
+from i2v.placement import choose_attention, step_cache
 from i2v.settings import Settings
-from i2v.speed import Speed, choose_attention, step_cache
+from i2v.speed import Speed
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg")
 REQUEST = KlingRequest(prompt="waves roll in", start_image=EXAMPLE, seed=5)
 
 
 def engine(**speed: object) -> Engine:
-    return Engine("tiny", settings=dataclasses.replace(Settings(), speed=Speed(**speed)))
+    return Engine("tiny", settings=Settings(speed=Speed(**speed)))
 
 
 @pytest.fixture(scope="module")

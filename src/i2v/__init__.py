@@ -11,16 +11,15 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import Cancelled, I2VError, InputError, ModelUnavailable
+from .errors import Canceled, I2VError, InputError, ModelUnavailable
 from .progress import Progress, ProgressCallback
 from .request import KlingRequest
 
 if TYPE_CHECKING:
     from .engine import Engine, Result
-    from .parallel import ParallelEngine
 
 __all__ = [
-    "Cancelled",
+    "Canceled",
     "Engine",
     "I2VError",
     "InputError",
@@ -31,7 +30,7 @@ __all__ = [
     "generate",
 ]
 
-_engines: dict[str | None, Engine | ParallelEngine] = {}
+_engines: dict[str | None, Engine] = {}
 _engines_lock = threading.Lock()
 
 
@@ -44,13 +43,14 @@ def generate(
 ) -> Result:
     """Render one clip from Kling v2.1 inputs (`prompt`, `start_image`, ...) to `output`.
 
-    The engine for `model` is kept, so later calls reuse the loaded weights.
+    The engine for `model` is kept, so later calls reuse the loaded weights. I2V_DEVICE may name a GPU
+    group ("cuda:0+cuda:1"): then each clip is split across its GPUs.
     """
-    from .parallel import open_engine
+    from .engine import Engine
 
     request = KlingRequest(**inputs)
-    with _engines_lock:  # I2V_DEVICE may name a GPU group ("cuda:0+cuda:1"): one clip across its GPUs
-        engine = _engines.get(model) or _engines.setdefault(model, open_engine(model))
+    with _engines_lock:
+        engine = _engines.get(model) or _engines.setdefault(model, Engine(model))
     return engine.generate(request, output, on_progress=on_progress)
 
 

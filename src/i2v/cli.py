@@ -12,12 +12,16 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from .errors import Cancelled, I2VError
+from .errors import Canceled, I2VError
 from .progress import Progress
 from .request import KlingRequest, field_errors
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 EXIT_USAGE = 2
 
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for field, rule in field_errors(exc):
             print(f"error: {field}: {rule}", file=sys.stderr)
         return EXIT_USAGE
-    except Cancelled:
+    except Canceled:
         print("canceled", file=sys.stderr)
         return 130
     except I2VError as exc:
@@ -127,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Keep the libraries' own chatter (loading bars, optional-dependency notes) off the user's screen."""
+    """Keep the libraries' own chatter (loading bars, optional-dependency notes) off the user's screen.
+
+    These set the environment for the libraries (their documented switches), and read nothing of ours.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -145,12 +152,12 @@ def _generate(args: argparse.Namespace) -> int:
         audio=args.audio,
         preset=args.preset,
     )
-    from .parallel import open_engine
+    from .engine import Engine  # a device group ("cuda:0+cuda:1") splits the clip across its GPUs
 
-    return _render(open_engine(args.model, device=args.device), request, args.output)
+    return _render(Engine(args.model, device=args.device), request, args.output)
 
 
-def _render(engine: object, request: KlingRequest, output: Path) -> int:
+def _render(engine: Engine, request: KlingRequest, output: Path) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     if not logging.getLogger().isEnabledFor(logging.INFO):  # our bar is the one progress display
@@ -159,7 +166,7 @@ def _render(engine: object, request: KlingRequest, output: Path) -> int:
     bar = ProgressBar()
     started = time.perf_counter()
     try:
-        result = engine.generate(request, output, on_progress=bar)  # type: ignore[attr-defined]
+        result = engine.generate(request, output, on_progress=bar)
     finally:
         bar.close()
     print(

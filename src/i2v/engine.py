@@ -1,11 +1,14 @@
 """The engine: one Kling request in, one exact mp4 out.
 
-    plan:  request -> images fetched and checked -> output size from the start image -> backend for the
-           mode -> inputs fitted to the model's grid
-    run:   diffusers pipeline -> frames on the model's grid
+    plan:  request -> images decoded (or fetched) and checked -> output size from the start image ->
+           backend for the mode and preset (resolved once, loaded by the executor) -> inputs fitted to
+           the model's grid, seed fixed
+    run:   the executor runs the plan: diffusers pipeline -> frames on the model's grid
     write: frames at 24 fps -> mp4 at exact size
 
-Pipelines load once per backend and stay resident across requests.
+The executor (`i2v.executors`) owns the loaded backends: in this process on one device, or across a
+device group (`i2v.parallel`); `Engine(device=...)` picks it from the device spec. Pipelines load once
+per backend and stay resident across requests.
 """
 
 from __future__ import annotations
@@ -14,23 +17,30 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from .backends import Backend, Clip, ModelInputs, resolve
-from .errors import InputError, ModelUnavailable, OutputError
+from .backends import Backend, Clip, ModelInputs
+from .devices import device_group
+from .errors import InputError, OutputError
+from .executors import BackendKey, Executor, LocalExecutor, Plan
 from .geometry import fit_image, output_size
-from .images import ImageLoader
+from .images import ImageLoader, decode_image
+from .parallel import GroupExecutor
 from .progress import ProgressCallback, Reporter
-from .request import FPS, KlingRequest
+from .request import FPS, ImageField, KlingRequest, Mode, RequestPreset
 from .retime import retime
 from .settings import Settings
-from .speed import REQUEST_PRESETS
 from .video import to_uint8, write_mp4
 
 log = logging.getLogger(__name__)
+
+ImageBytes = Mapping[ImageField, bytes]
+"""Image inputs already fetched and checked (the server's intake): decoded here, never fetched again."""
 
 
 @dataclass(frozen=True)
@@ -47,31 +57,35 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A request resolved to one model run: all a GPU of a context-parallel group needs to run it too."""
-
-    mode: str
-    preset: str
-    inputs: ModelInputs
-    size: tuple[int, int]  # the exact output (width, height)
-
-
 @dataclass
 class Rendered:
     """A clip at the model's grid and native fps, before it is mapped to the exact output."""
 
     clip: Clip
-    inputs: ModelInputs
+    plan: Plan
     backend: Backend
-    size: tuple[int, int]  # the exact output (width, height)
+
+    @property
+    def inputs(self) -> ModelInputs:
+        return self.plan.inputs
+
+
+def executor_for(device: str | None, settings: Settings) -> Executor:
+    """A `LocalExecutor` for one device ("cuda:1", "cpu"; None: the first GPU, else the CPU), a
+    `GroupExecutor` for a device group ("cuda:0+cuda:1")."""
+    devices = device_group(device)
+    if len(devices) > 1:
+        return GroupExecutor(devices, settings)
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    return LocalExecutor(torch.device(devices[0] if devices else default), settings)
 
 
 class Engine:
     """Runs requests on the backends configured for each mode.
 
     `model` is None or "default" (the configured model per mode), "tiny" (the tiny twins of those), or a
-    model reference used for every mode it serves (see `i2v.backends.resolve`).
+    model reference used for every mode it serves (see `i2v.backends.resolve`). `device` is a torch
+    device or a device group (default: `I2V_DEVICE`, else the first GPU, else the CPU).
     """
 
     def __init__(
@@ -84,74 +98,83 @@ class Engine:
     ) -> None:
         self.settings = settings or Settings()
         self.model = model
-        self.device = torch.device(
-            device or self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        self.loader = loader or ImageLoader()
-        self._backends: dict[tuple[str, str], Backend] = {}
-        self._lock = threading.Lock()
+        self.executor = executor_for(device or self.settings.device, self.settings)
+        self.loader = loader or ImageLoader(allow=self.settings.fetch_allow)
 
-    def preset(self, request: KlingRequest) -> str:
+    @property
+    def device(self) -> torch.device:
+        return self.executor.device
+
+    @property
+    def healthy(self) -> bool:
+        """False once the executor cannot run again (a device group left out of step by a fault)."""
+        return self.executor.healthy
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def preset(self, request: KlingRequest) -> RequestPreset:
         """The request's preset, else the server's (`low-vram` is how models load, not a per-request one)."""
-        if request.preset is not None:
-            return request.preset
-        return self.settings.speed.preset if self.settings.speed.preset in REQUEST_PRESETS else "default"
+        return self.settings.speed.request_preset(request.preset)
 
-    def model_ref(self, mode: str, preset: str = "default") -> str:
-        """The model for a mode; `turbo` picks the mode's distilled model (Settings.turbo_models)."""
-        turbo = preset == "turbo"
-        configured = (self.settings.turbo_models if turbo else self.settings.models)[mode]
+    def key(self, mode: Mode, preset: RequestPreset = "default") -> BackendKey:
+        """The backend for a mode; `turbo` picks the mode's distilled model (Settings.turbo_models)."""
+        configured = (self.settings.turbo_models if preset == "turbo" else self.settings.models)[mode]
         if self.model in (None, "default"):
-            return configured
+            return BackendKey(configured)
         if self.model == "tiny":
-            return "tiny-" + configured.partition("=")[0]
-        return self.model  # one explicit model serves every mode and preset
+            return BackendKey("tiny-" + configured.partition("=")[0])
+        return BackendKey(self.model)  # one explicit model serves every mode and preset
 
-    def backend(self, mode: str, preset: str = "default") -> Backend:
+    def backend(self, mode: Mode, preset: RequestPreset = "default") -> Backend:
         """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
-        cls, spec = resolve(self.model_ref(mode, preset), self.settings.tiny_dir)
+        key = self.key(mode, preset)
+        _, spec = self.executor.spec(key)
         if mode not in spec.modes:  # allowed (the output is still mapped to the exact size), but worth a note
             log.warning(
                 "%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode
             )
-        with self._lock:
-            key = (spec.name, spec.source)
-            if key not in self._backends:
-                backend = cls(spec, self.device, self.settings.speed)
-                try:
-                    backend.load()
-                except (OSError, ValueError) as exc:
-                    raise ModelUnavailable(f"could not load {spec.name} from {spec.source}: {exc}") from exc
-                log.info("loaded %s on %s (%s)", spec.name, self.device, backend.placement)
-                self._backends[key] = backend
-            return self._backends[key]
+        return self.executor.backend(key)
 
-    def warm_up(self, modes: tuple[str, ...] = ("standard", "pro")) -> dict[str, float]:
+    def warm_up(self, modes: tuple[Mode, ...] = ("standard", "pro")) -> dict[str, float]:
         """Load each mode's model and run a short clip through it (compiles, tunes kernels); seconds per mode.
 
         Speed.warmup (on with CUDA) makes the server do this before it reports READY.
         """
         seconds = {}
         for mode in modes:
+            self.backend(mode)
             clock = time.perf_counter()
-            self.backend(mode).warm_up()
+            self.executor.warm_up(self.key(mode))
             seconds[mode] = time.perf_counter() - clock
         return seconds
 
-    def plan(self, request: KlingRequest, report: Reporter, timings: dict[str, float] | None = None) -> Plan:
-        """Resolve a request to one model run: fetch and check its images, load the backend, fix the seed
-        and fit the inputs to the model's grid."""
+    def _image(self, request: KlingRequest, field: ImageField, images: ImageBytes | None) -> Image.Image:
+        if images is not None and field in images:
+            return decode_image(images[field], field)
+        return self.loader.load(getattr(request, field), field)
+
+    def plan(
+        self,
+        request: KlingRequest,
+        report: Reporter,
+        timings: dict[str, float] | None = None,
+        images: ImageBytes | None = None,
+    ) -> Plan:
+        """Resolve a request to one model run: decode (or fetch) and check its images, load the backend,
+        fix the seed and fit the inputs to the model's grid."""
         timings = timings if timings is not None else {}
         clock = time.perf_counter()
         report("loading inputs")
-        start = self.loader.load(request.start_image, "start_image")
-        end = self.loader.load(request.end_image, "end_image") if request.end_image is not None else None
+        start = self._image(request, "start_image", images)
+        end = self._image(request, "end_image", images) if request.end_image is not None else None
         size = output_size(start.width, start.height, request.short_side)
         timings["inputs"] = time.perf_counter() - clock
 
         report("loading model")
         clock = time.perf_counter()
         preset = self.preset(request)
+        key = self.key(request.mode, preset)
         backend = self.backend(request.mode, preset)
         spec = backend.spec
         if end is not None and not spec.takes_end_frame:
@@ -168,31 +191,21 @@ class Engine:
             end_image=fit_image(end, (width, height)) if end is not None else None,
             width=width,
             height=height,
-            num_frames=spec.frames_for(request.duration),
+            model_frames=spec.frames_for(request.duration),
             seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
             audio=request.audio,
-            # Ranks of a context-parallel group would each decide on their own share of the tokens.
+            # Ranks of a device group would each decide on their own share of the tokens.
             step_cache=preset == "fast" and backend.parallel_degree == 1,
         )
-        return Plan(mode=request.mode, preset=preset, inputs=inputs, size=size)
+        return Plan(request=request, key=key, preset=preset, inputs=inputs, size=size)
 
     def run(self, plan: Plan, report: Reporter, timings: dict[str, float] | None = None) -> Rendered:
         """Run the model on a plan; the frames come back on the model's grid and at its fps."""
         timings = timings if timings is not None else {}
-        backend, inputs = self.backend(plan.mode, plan.preset), plan.inputs
-
-        def on_step(step: int, total: int) -> None:
-            report("denoising", step, total)
-            if step == total:
-                report("decoding")
-
         clock = time.perf_counter()
-        report("denoising", 0, backend.total_steps(inputs))
-        with torch.inference_mode():
-            clip = backend.generate(inputs, on_step)
+        clip = self.executor.run(plan, report)
         timings["generate"] = time.perf_counter() - clock
-        report.check_cancel()
-        return Rendered(clip=clip, inputs=inputs, backend=backend, size=plan.size)
+        return Rendered(clip=clip, plan=plan, backend=self.executor.backend(plan.key))
 
     def render(
         self,
@@ -201,10 +214,11 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         timings: dict[str, float] | None = None,
+        images: ImageBytes | None = None,
     ) -> Rendered:
         """Plan and run a request; the frames come back on the model's grid and at its fps."""
         report = Reporter(on_progress, cancel)
-        return self.run(self.plan(request, report, timings), report, timings)
+        return self.run(self.plan(request, report, timings, images), report, timings)
 
     def generate(
         self,
@@ -213,23 +227,28 @@ class Engine:
         *,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        images: ImageBytes | None = None,
     ) -> Result:
-        """Render a request to an mp4 at `output` (H.264, 24 fps, exact size); returns what was made."""
+        """Render a request to an mp4 at `output` (H.264, 24 fps, exact size); returns what was made.
+
+        `images` are the checked bytes of the image inputs where the caller has them (the server's
+        worker); the engine fetches (or reads) only the images it is not given."""
         timings: dict[str, float] = {}
-        rendered = self.render(request, on_progress=on_progress, cancel=cancel, timings=timings)
-        return self.write(rendered, request, output, Reporter(on_progress, cancel), timings)
+        report = Reporter(on_progress, cancel)
+        rendered = self.run(self.plan(request, report, timings, images), report, timings)
+        return self.write(rendered, output, report, timings)
 
     def write(
         self,
         rendered: Rendered,
-        request: KlingRequest,
         output: str | Path,
         report: Reporter,
         timings: dict[str, float] | None = None,
     ) -> Result:
         """Map rendered frames to 24 fps and the exact size, and encode the mp4."""
         timings = timings if timings is not None else {}
-        clip, inputs, spec = rendered.clip, rendered.inputs, rendered.backend.spec
+        clip, plan, spec = rendered.clip, rendered.plan, rendered.backend.spec
+        request, inputs = plan.request, plan.inputs
         frames = to_uint8(clip.frames) if clip.frames.dtype != "uint8" else clip.frames
         if clip.fps != FPS:
             report("retiming")
@@ -256,7 +275,7 @@ class Engine:
             path = write_mp4(
                 frames,
                 output,
-                size=rendered.size,
+                size=plan.size,
                 fps=FPS,
                 metadata=metadata,
                 preset=self.settings.x264_preset,
@@ -275,8 +294,8 @@ class Engine:
             path=path,
             seed=inputs.seed,
             model=spec.name,
-            width=rendered.size[0],
-            height=rendered.size[1],
+            width=plan.size[0],
+            height=plan.size[1],
             num_frames=len(frames),
             fps=FPS,
             timings=timings,

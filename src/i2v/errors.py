@@ -16,11 +16,15 @@ class InputError(I2VError, ValueError):
         self.rule = rule
 
 
+class ImageTooLarge(InputError):
+    """An image input is over the size limit (the server answers 413 for it, 422 for other image faults)."""
+
+
 class ModelUnavailable(I2VError):
     """A backend's weights could not be found or loaded."""
 
 
-class Cancelled(I2VError):
+class Canceled(I2VError):
     """The caller asked the generation to stop; raised between denoising steps."""
 
 

@@ -9,17 +9,16 @@ import base64
 import binascii
 import io
 import ipaddress
-import os
 import socket
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import ImageTooLarge, InputError
 
 MAX_BYTES = 10 * 1024 * 1024
 MIN_SIDE = 300
@@ -30,10 +29,6 @@ MAX_REDIRECTS = 3
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _allowlist_from_env() -> tuple[str, ...]:
-    return tuple(entry.strip() for entry in os.environ.get("I2V_FETCH_ALLOW", "").split(",") if entry.strip())
 
 
 @dataclass(frozen=True)
@@ -51,13 +46,13 @@ class ImageLoader:
 
     URLs may only reach public addresses: private, loopback, link-local (cloud metadata), multicast and
     reserved ranges are refused, for the first request and every redirect. `allow` lists trusted hosts or
-    networks an operator opens anyway (env `I2V_FETCH_ALLOW`, comma-separated: `files.lan,10.0.0.0/8`).
+    networks an operator opens anyway (setting `I2V_FETCH_ALLOW`, comma-separated: `files.lan,10.0.0.0/8`).
     """
 
     allow_local_paths: bool = True
     timeout: float = 20.0
     max_bytes: int = MAX_BYTES
-    allow: tuple[str, ...] = field(default_factory=_allowlist_from_env)
+    allow: tuple[str, ...] = ()
 
     def load(self, ref: str, field: str) -> Image.Image:
         """Fetch, decode and check one image; returns an RGB image, EXIF orientation applied."""
@@ -79,7 +74,7 @@ class ImageLoader:
         if not path.is_file():
             raise InputError(field, f"no such image file: {path}")
         if path.stat().st_size > self.max_bytes:
-            raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+            raise too_large(field, self.max_bytes)
         return path.read_bytes()
 
     def _data_uri(self, uri: str, field: str) -> bytes:
@@ -87,7 +82,7 @@ class ImageLoader:
         if not sep:
             raise InputError(field, "malformed data URI: no ',' before the data")
         if len(payload) > self.max_bytes * 4 // 3 + 4:
-            raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+            raise too_large(field, self.max_bytes)
         try:
             if header.endswith(";base64"):
                 return base64.b64decode(payload, validate=True)
@@ -177,13 +172,17 @@ class ImageLoader:
     def _read_capped(self, response: httpx.Response, field: str) -> bytes:
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+            raise too_large(field, self.max_bytes)
         body = bytearray()
         for chunk in response.iter_bytes():
             body += chunk
             if len(body) > self.max_bytes:
-                raise InputError(field, f"image is larger than {self.max_bytes // 2**20} MB")
+                raise too_large(field, self.max_bytes)
         return bytes(body)
+
+
+def too_large(field: str, max_bytes: int = MAX_BYTES) -> ImageTooLarge:
+    return ImageTooLarge(field, f"image is larger than {max_bytes // 2**20} MB")
 
 
 def decode_image(data: bytes, field: str) -> Image.Image:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from .errors import Cancelled
+from .errors import Canceled
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,26 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-class Reporter:
-    """Sends progress to a callback and raises `Cancelled` once the cancel flag is set."""
+class CancelFlag(Protocol):
+    """A `threading.Event`, or anything read the same way (a group's collective flag)."""
 
-    def __init__(self, callback: ProgressCallback | None, cancel: threading.Event | None) -> None:
+    def is_set(self) -> bool: ...
+
+
+class Reporter:
+    """Sends progress to a callback and raises `Canceled` once the cancel flag is set."""
+
+    def __init__(self, callback: ProgressCallback | None, cancel: CancelFlag | None) -> None:
         self._callback = callback
         self._cancel = cancel
+
+    @property
+    def cancel(self) -> CancelFlag | None:
+        return self._cancel
+
+    def with_cancel(self, cancel: CancelFlag | None) -> Reporter:
+        """The same reports, another cancel flag."""
+        return Reporter(self._callback, cancel)
 
     def __call__(self, stage: str, step: int | None = None, total: int | None = None) -> None:
         self.check_cancel()
@@ -38,4 +52,4 @@ class Reporter:
 
     def check_cancel(self) -> None:
         if self._cancel is not None and self._cancel.is_set():
-            raise Cancelled("the prediction was canceled")
+            raise Canceled("the prediction was canceled")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from os import PathLike
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -20,11 +20,17 @@ from pydantic import (
     model_validator,
 )
 
+from .speed import RequestPreset
+
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2500
 FPS = 24
-SHORT_SIDE = {"standard": 720, "pro": 1080}
+Mode = Literal["standard", "pro"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+SHORT_SIDE: dict[Mode, int] = {"standard": 720, "pro": 1080}
+ImageField = Literal["start_image", "end_image"]
+IMAGE_FIELDS: tuple[ImageField, ...] = get_args(ImageField)
 
 
 def _order(n: int, **extra: Any) -> dict[str, Any]:
@@ -36,7 +42,7 @@ class KlingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", title="Input", frozen=True)
 
-    mode: Literal["standard", "pro"] = Field(
+    mode: Mode = Field(
         "standard",
         description="Standard has a resolution of 720p, pro is 1080p. Both are 24fps.",
         json_schema_extra=_order(0),
@@ -78,7 +84,7 @@ class KlingRequest(BaseModel):
         "Kling v2.1 clips are silent, so the default is no audio track.",
         json_schema_extra=_order(7),
     )
-    preset: Literal["default", "fast", "turbo"] | None = Field(
+    preset: RequestPreset | None = Field(
         None,
         description="Speed preset. default: the full model at full quality. fast: step caching, "
         "faster with a small loss of detail. turbo: a distilled few-step model, several times faster "
@@ -118,7 +124,9 @@ class KlingRequest(BaseModel):
 
     @property
     def num_frames(self) -> int:
-        """Frames in the clip: 24 fps for the duration, plus the opening frame (121 or 241)."""
+        """Frames in the output clip: 24 fps for the duration, plus the opening frame (121 or 241).
+
+        (What a model renders at its own frame rate is `ModelInputs.model_frames`.)"""
         return FPS * self.duration + 1
 
     @property

@@ -1,7 +1,12 @@
-"""Settings from the environment and an optional settings file, read once per Engine.
+"""Settings: the environment (`I2V_*`), the settings file, defaults; read once, checked once.
 
-Every knob has a default that serves users. The settings file is TOML, at `$I2V_CONFIG` or else
-`~/.config/i2v/config.toml`; an environment variable wins over the file:
+This module is the only place i2v reads the environment. Each settings class names its variables in one
+table (`ENVIRONMENT`: variable -> field), and a bad value is an error naming the variable
+(`I2V_BATCHED_CFG: expected true or false, not 'maybe'`). The server's settings (`i2v.server.config`) are
+built the same way. No torch here: the HTTP side reads settings too.
+
+The engine's settings file is TOML, at `$I2V_CONFIG` or else `~/.config/i2v/config.toml`, read once per
+`Settings()`; an environment variable wins over the file, a keyword argument over both:
 
     [models]
     standard = "wan2.2-ti2v-5b"
@@ -22,31 +27,116 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .devices import device_group
 from .errors import I2VError
-from .speed import PRESETS, Speed
+from .parsing import CommaList
+from .request import MODES, Mode
+from .speed import PRESETS, SPEED_FLAGS, Speed
 
-DEFAULT_MODELS = {"standard": "wan2.2-ti2v-5b", "pro": "ltx-2"}
-DEFAULT_TURBO_MODELS = {"standard": "fastwan2.2-ti2v-5b", "pro": "ltx-2-distilled"}
-SPEED_FLAGS = ("compile", "batched_cfg", "warmup")
+DEFAULT_MODELS: dict[Mode, str] = {"standard": "wan2.2-ti2v-5b", "pro": "ltx-2"}
+DEFAULT_TURBO_MODELS: dict[Mode, str] = {"standard": "fastwan2.2-ti2v-5b", "pro": "ltx-2-distilled"}
+
+FieldPath = tuple[str, ...]
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
+def xdg_data_home() -> Path:
+    """`$XDG_DATA_HOME`, else ~/.local/share: the XDG base-directory contract, hence read from the env."""
+    xdg = os.environ.get("XDG_DATA_HOME", "").strip()
+    return Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+
+
+class Environment(PydanticBaseSettingsSource):
+    """The variables a settings class lists in its `ENVIRONMENT` table; an empty one counts as unset."""
+
+    def __init__(self, settings_cls: type[EnvSettings]) -> None:
+        super().__init__(settings_cls)
+        self.table = settings_cls.ENVIRONMENT
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ builds the whole dict
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, path in self.table.items():
+            text = os.environ.get(name, "").strip()
+            if text:
+                _put(values, path, text)
+        return values
+
+
+def _put(values: dict[str, Any], path: FieldPath, value: Any) -> None:
+    for key in path[:-1]:
+        values = values.setdefault(key, {})
+    values[path[-1]] = value
+
+
+class EnvSettings(BaseSettings):
+    """Settings from keyword arguments, then `ENVIRONMENT`, then `file_source()`, then defaults.
+
+    A validation error becomes one `error` whose lines each name the variable (or the file) at fault.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {}
+    error: ClassVar[type[Exception]] = I2VError
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise self.error(self._describe(exc, values)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, Environment(cls), *cls.file_sources())
+
+    @classmethod
+    def file_sources(cls) -> tuple[PydanticBaseSettingsSource, ...]:
+        return ()
+
+    @classmethod
+    def _describe(cls, exc: ValidationError, given: Mapping[str, Any]) -> str:
+        variables = {path: name for name, path in cls.ENVIRONMENT.items()}
+        lines = []
+        for item in exc.errors(include_url=False):
+            loc = tuple(str(part) for part in item["loc"])
+            message = item["msg"].removeprefix("Value error, ")
+            where = ".".join(loc)
+            for end in range(len(loc), 0, -1):
+                name = variables.get(loc[:end])
+                if name and os.environ.get(name, "").strip() and loc and loc[0] not in given:
+                    where = name
+                    break
+            lines.append(f"{where}: {message}" if where else message)
+        return "; ".join(lines)
+
+
+# The engine's settings file.
 
 
 def config_path() -> Path:
-    return Path(_env("I2V_CONFIG", "~/.config/i2v/config.toml")).expanduser()
+    return Path(os.environ.get("I2V_CONFIG", "").strip() or "~/.config/i2v/config.toml").expanduser()
 
 
 def read_config(path: Path | None = None) -> dict[str, Any]:
     """The settings file as a dict; {} when there is none. A broken file is an error, never ignored."""
     path = path or config_path()
     if not path.is_file():
-        if "I2V_CONFIG" in os.environ and os.environ["I2V_CONFIG"].strip():
+        if os.environ.get("I2V_CONFIG", "").strip():
             raise I2VError(f"settings file {path} (I2V_CONFIG) does not exist")
         return {}
     try:
@@ -58,7 +148,7 @@ def read_config(path: Path | None = None) -> dict[str, Any]:
         models = config.get(table, {})
         if not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values()):
             raise I2VError(f"settings file {path}: [{table}] maps a mode to a model reference string")
-        unknown = set(models) - set(DEFAULT_MODELS)
+        unknown = set(models) - set(MODES)
         if unknown:
             raise I2VError(
                 f"settings file {path}: [{table}] has unknown mode(s) {', '.join(sorted(unknown))}"
@@ -82,40 +172,30 @@ def _check_speed(speed: Any, where: str) -> None:
             raise I2VError(f"{where} {flag} is true or false")
 
 
-def _models(table: str = "models", defaults: dict[str, str] = DEFAULT_MODELS) -> dict[str, str]:
-    configured = read_config().get(table, {})
-    prefix = "I2V_MODEL_" if table == "models" else "I2V_TURBO_MODEL_"
-    return {
-        mode: _env(prefix + mode.upper(), configured.get(mode, "").strip() or default)
-        for mode, default in defaults.items()
-    }
+class SettingsFile(PydanticBaseSettingsSource):
+    """The TOML settings file, read and checked once: [models], [turbo] and [speed]."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        config = read_config()
+        values: dict[str, Any] = {}
+        for table, name in (("models", "models"), ("turbo", "turbo_models")):
+            chosen = {mode: ref.strip() for mode, ref in config.get(table, {}).items() if ref.strip()}
+            if chosen:
+                values[name] = chosen
+        if config.get("speed"):
+            values["speed"] = dict(config["speed"])
+        return values
 
 
-def _flag(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise I2VError(f"expected true or false, not {value!r}")
+def _with_defaults(defaults: dict[Mode, str]) -> Any:
+    return BeforeValidator(lambda value: {**defaults, **value} if isinstance(value, dict) else value)
 
 
-def _speed() -> Speed:
-    """[speed] from the settings file, each key overridden by its environment variable."""
-    speed = dict(read_config().get("speed", {}))
-    for key in ("preset", "attention", *SPEED_FLAGS):
-        value = os.environ.get(f"I2V_{key.upper()}", "").strip()
-        if value:
-            try:
-                speed[key] = _flag(value) if key in SPEED_FLAGS else value
-            except I2VError as exc:
-                raise I2VError(f"I2V_{key.upper()}: {exc}") from exc
-    _check_speed(speed, "speed settings")
-    return Speed(**speed)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Where things live and which model serves each mode.
+class Settings(EnvSettings):
+    """Where things live, which model serves each mode, and how models load and encode.
 
     `models` maps a mode to a model reference: a registered backend name, optionally followed by
     `=SOURCE`, where SOURCE is a hub id or a local folder of weights (e.g. `wan2.2-ti2v-5b=/models/ti2v`).
@@ -123,13 +203,61 @@ class Settings:
     `turbo_models` are the same for requests with preset "turbo" (I2V_TURBO_MODEL_*, [turbo]).
     """
 
-    cache_dir: Path = field(default_factory=lambda: Path(_env("I2V_CACHE_DIR", "~/.cache/i2v")).expanduser())
-    models: dict[str, str] = field(default_factory=_models)
-    turbo_models: dict[str, str] = field(default_factory=lambda: _models("turbo", DEFAULT_TURBO_MODELS))
-    speed: Speed = field(default_factory=_speed)
-    device: str | None = field(default_factory=lambda: os.environ.get("I2V_DEVICE") or None)
-    x264_preset: str = field(default_factory=lambda: _env("I2V_X264_PRESET", "medium"))
-    x264_crf: int = field(default_factory=lambda: int(_env("I2V_X264_CRF", "18")))
+    ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
+        "I2V_CACHE_DIR": ("cache_dir",),
+        "I2V_MODEL_STANDARD": ("models", "standard"),
+        "I2V_MODEL_PRO": ("models", "pro"),
+        "I2V_TURBO_MODEL_STANDARD": ("turbo_models", "standard"),
+        "I2V_TURBO_MODEL_PRO": ("turbo_models", "pro"),
+        "I2V_PRESET": ("speed", "preset"),
+        "I2V_ATTENTION": ("speed", "attention"),
+        "I2V_COMPILE": ("speed", "compile"),
+        "I2V_BATCHED_CFG": ("speed", "batched_cfg"),
+        "I2V_WARMUP": ("speed", "warmup"),
+        "I2V_DEVICE": ("device",),
+        "I2V_X264_PRESET": ("x264_preset",),
+        "I2V_X264_CRF": ("x264_crf",),
+        "I2V_FETCH_ALLOW": ("fetch_allow",),
+        "I2V_EXTRA_BACKENDS": ("extra_backends",),
+        "I2V_MODEL": ("served_model",),
+    }
+
+    cache_dir: Path = Path("~/.cache/i2v")
+    models: Annotated[dict[Mode, str], _with_defaults(DEFAULT_MODELS)] = Field(
+        default_factory=lambda: dict(DEFAULT_MODELS)
+    )
+    turbo_models: Annotated[dict[Mode, str], _with_defaults(DEFAULT_TURBO_MODELS)] = Field(
+        default_factory=lambda: dict(DEFAULT_TURBO_MODELS)
+    )
+    speed: Speed = Field(default_factory=Speed)
+    # A torch device or a device group ("cuda:0+cuda:1"); None: the first GPU, else the CPU.
+    device: str | None = None
+    x264_preset: str = "medium"
+    x264_crf: int = 18
+    # Hosts or networks image URLs may reach although private (`files.lan,10.0.0.0/8`).
+    fetch_allow: CommaList = ()
+    # Backend plugins, `module:Class` (i2v.backends.registered).
+    extra_backends: CommaList = ()
+    # The model `i2v serve` and the Cog predictor run unless told otherwise (`--model`).
+    served_model: str | None = None
+
+    @classmethod
+    def file_sources(cls) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (SettingsFile(cls),)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        try:
+            device_group(value)
+        except I2VError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @property
     def tiny_dir(self) -> Path:

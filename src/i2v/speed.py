@@ -1,4 +1,4 @@
-"""How a loaded pipeline is placed on its device and made fast: the exact path and the presets.
+"""The speed settings: the exact path and the presets (what `i2v.placement` applies; no torch here).
 
 Exact speed-ups, on by default where the hardware has them (CUDA); each keeps the output equal to the
 stock pipeline's within bf16 noise:
@@ -22,35 +22,33 @@ Presets trade something for speed or memory, and say what:
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, Protocol, get_args
 
-import torch
+from pydantic import BaseModel, ConfigDict
 
-log = logging.getLogger(__name__)
+from .parsing import OptionalFlag
 
 Preset = Literal["default", "fast", "turbo", "low-vram"]
-PRESETS: tuple[str, ...] = ("default", "fast", "turbo", "low-vram")
-REQUEST_PRESETS: tuple[str, ...] = ("default", "fast", "turbo")  # low-vram is how the server loads
+RequestPreset = Literal["default", "fast", "turbo"]  # low-vram is how the server loads, never a request's
+PRESETS: tuple[str, ...] = get_args(Preset)
+REQUEST_PRESETS: tuple[str, ...] = get_args(RequestPreset)
+SPEED_FLAGS = ("compile", "batched_cfg", "warmup")
 
-# Fastest first. `native` (PyTorch's scaled_dot_product_attention) always works and is last.
-ATTENTION_ORDER = ("_flash_3", "flash", "_native_cudnn", "native")
+
+class HasDeviceType(Protocol):
+    type: str  # a torch.device, without importing torch here
 
 
-@dataclass(frozen=True)
-class Speed:
+class Speed(BaseModel):
     """The load-time speed settings of one server (or one Engine). None means: on where CUDA is."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     preset: Preset = "default"
     attention: str = "auto"  # "auto" or a diffusers backend name (e.g. "sage", "_native_cudnn")
-    compile: bool | None = None
-    batched_cfg: bool | None = None
-    warmup: bool | None = None
-    # GPUs one request is split across (Ulysses, i2v.parallel); set from the worker's device group.
-    context_parallel: int = 1
+    compile: OptionalFlag = None
+    batched_cfg: OptionalFlag = None
+    warmup: OptionalFlag = None
 
     @property
     def fp8(self) -> bool:
@@ -60,112 +58,11 @@ class Speed:
     def low_vram(self) -> bool:
         return self.preset == "low-vram"
 
-    def on(self, flag: bool | None, device: torch.device) -> bool:
+    def on(self, flag: bool | None, device: HasDeviceType) -> bool:
         return device.type == "cuda" if flag is None else flag
 
-
-def attention_available(name: str) -> bool:
-    """Whether diffusers can run this attention backend here (its package is installed and usable)."""
-    from diffusers.models.attention_dispatch import (
-        AttentionBackendName,
-        _check_attention_backend_requirements,
-    )
-
-    try:
-        _check_attention_backend_requirements(AttentionBackendName(name))
-    except (RuntimeError, ValueError):
-        return False
-    if name == "_native_cudnn":  # cuDNN attention needs an sm80+ GPU
-        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-    return True
-
-
-def splits_sequence(name: str) -> bool:
-    """Whether diffusers can run this attention backend under context parallelism."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    return _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name))
-
-
-def choose_attention(wanted: str, device: torch.device, context_parallel: bool = False) -> str:
-    """The attention backend to use: `wanted` when it is available, else the fastest one that is
-    (under context parallelism, the fastest that can split the sequence: FA3 cannot in diffusers 0.42)."""
-    if device.type != "cuda":
-        return "native"
-
-    def usable(name: str) -> bool:
-        return attention_available(name) and (not context_parallel or splits_sequence(name))
-
-    if wanted != "auto":
-        if usable(wanted):
-            return wanted
-        log.warning("attention backend %r is not usable here; choosing one", wanted)
-    return next(name for name in ATTENTION_ORDER if usable(name))
-
-
-def place(
-    pipe: Any,
-    device: torch.device,
-    speed: Speed,
-    *,
-    fp8_modules: tuple[str, ...] = (),
-    compile_blocks: bool = True,
-    context_parallel: int = 1,
-) -> str:
-    """Move a loaded pipeline onto `device` and apply the load-time speed settings; returns a summary.
-
-    `fp8_modules` names the pipeline's transformers whose weights the `fast` preset stores in fp8;
-    `compile_blocks` is False where the model switches LoRA adapters between calls (a recompile each time);
-    `context_parallel` > 1 splits each transformer's sequence across that many ranks (`i2v.parallel`).
-    """
-    done = []
-    for name in fp8_modules if speed.fp8 else ():
-        # Each layer's weights are upcast to the compute dtype as it runs; norms and embeddings stay as
-        # they are (each model lists them in _skip_layerwise_casting_patterns).
-        model = getattr(pipe, name)
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
-        done.append(f"fp8 {name}")
-    if speed.low_vram:
-        # Each transformer block (and text-encoder layer) moves to the GPU as it runs; with streams the
-        # next block's copy overlaps the current one's compute.
-        stream = device.type == "cuda"
-        pipe.enable_group_offload(
-            onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=stream
-        )
-        pipe.vae.enable_tiling()
-        done.append("group offload, tiled VAE")
-    else:
-        pipe.to(device)
-    transformers = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m]
-    attention = choose_attention(speed.attention, device, context_parallel > 1)
-    if attention != "native":
-        for model in transformers:
-            model.set_attention_backend(attention)
-    done.append(f"attention {attention}")
-    if context_parallel > 1:
-        from .parallel import split_sequence
-
-        for model in transformers:
-            split_sequence(model, context_parallel, device)
-        done.append(f"sequence split across {context_parallel} ranks")
-    if compile_blocks and speed.on(speed.compile, device) and not speed.low_vram:  # offload hooks do not mix
-        for model in transformers:
-            # The context-parallel hook on the first block breaks its graph; the other blocks stay whole.
-            model.compile_repeated_blocks(fullgraph=context_parallel == 1)
-        done.append("compiled blocks")
-    return ", ".join(done)
-
-
-@contextlib.contextmanager
-def step_cache(transformer: Any, threshold: float | None) -> Iterator[None]:
-    """FirstBlockCache on `transformer` for one call (the `fast` preset); nothing when threshold is None."""
-    if threshold is None:
-        yield
-        return
-    from diffusers import FirstBlockCacheConfig
-
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    try:
-        yield
-    finally:
-        transformer.disable_cache()
+    def request_preset(self, asked: RequestPreset | None) -> RequestPreset:
+        """A request's preset, else the server's (`low-vram` is how models load, not a per-request one)."""
+        if asked is not None:
+            return asked
+        return self.preset if self.preset in REQUEST_PRESETS else "default"  # type: ignore[return-value]

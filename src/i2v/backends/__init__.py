@@ -29,14 +29,14 @@ TINY_PREFIX = "tiny-"
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "Clip", "ModelInputs", "StepCallback", "resolve"]
 
 
-def registered() -> dict[str, type[Backend]]:
-    """The built-in backends plus plugins named in `I2V_EXTRA_BACKENDS` (`module:Class`, comma-separated).
+def registered(extra_backends: tuple[str, ...] = ()) -> dict[str, type[Backend]]:
+    """The built-in backends plus plugins (`module:Class`; the setting `I2V_EXTRA_BACKENDS`, comma-separated).
 
     Plugins let an operator add a model without patching i2v; the test suite adds its fault-injection
     backends this way, so none of them ships in the product's registry.
     """
     backends = dict(BACKENDS)
-    for entry in filter(None, (e.strip() for e in os.environ.get("I2V_EXTRA_BACKENDS", "").split(","))):
+    for entry in extra_backends:
         module, _, attr = entry.partition(":")
         try:
             cls = getattr(importlib.import_module(module), attr)
@@ -48,12 +48,14 @@ def registered() -> dict[str, type[Backend]]:
     return backends
 
 
-def resolve(ref: str, tiny_dir: Path) -> tuple[type[Backend], BackendSpec]:
+def resolve(
+    ref: str, tiny_dir: Path, extra_backends: tuple[str, ...] = ()
+) -> tuple[type[Backend], BackendSpec]:
     """The backend class and spec for a model reference; a tiny twin's weights are built on first use."""
     name, _, source = ref.partition("=")
     name = name.strip()
     tiny = name.startswith(TINY_PREFIX)
-    backends = registered()
+    backends = registered(extra_backends)
     cls = backends.get(name.removeprefix(TINY_PREFIX))
     if cls is None:
         known = ", ".join(sorted(backends))

@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 
 from ..geometry import Grid
-from ..speed import Speed, place
+from ..placement import place
+from ..speed import Speed
 
 StepCallback = Callable[[int, int], None]
-"""Called after each denoising step with (step, total); raises `Cancelled` to stop the run."""
+"""Called after each denoising step with (step, total); raises `Canceled` to stop the run."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class ModelInputs:
     end_image: Image.Image | None
     width: int
     height: int
-    num_frames: int
+    model_frames: int  # at the model's own fps (the output's 24 fps count is KlingRequest.num_frames)
     seed: int
     audio: bool = False
     step_cache: bool = False  # the `fast` preset: cache steps where the model's blocks allow it
@@ -91,13 +92,16 @@ class Backend(ABC):
     # The `fast` preset's FirstBlockCache threshold; None where diffusers cannot cache the model's blocks.
     cache_threshold: ClassVar[float | None] = None
     # Whether diffusers can split the model's sequence across GPUs (its transformer has a `_cp_plan` that
-    # works for this pipeline); others run on one GPU of a context-parallel group.
-    context_parallel: ClassVar[bool] = False
+    # works for this pipeline); others run on one GPU of a device group.
+    splits_sequence: ClassVar[bool] = False
 
-    def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
+    def __init__(
+        self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
+    ) -> None:
         self.spec = spec  # the instance's spec: the class's, a tiny twin's, or one with a local source
         self.device = device
         self.speed = speed or Speed()
+        self.ranks = ranks  # the size of the device group this backend's process belongs to
         self.pipe: Any = None
         self.placement = ""  # what `load` did for speed, for the log: "attention flash, compiled blocks"
 
@@ -114,13 +118,13 @@ class Backend(ABC):
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=("transformer",), context_parallel=self.parallel_degree
+            pipe, self.device, self.speed, fp8_modules=("transformer",), parallel_degree=self.parallel_degree
         )
 
     @property
     def parallel_degree(self) -> int:
         """The GPUs one generation is split across: the group's size where the model can be split, else 1."""
-        return self.speed.context_parallel if self.context_parallel else 1
+        return self.ranks if self.splits_sequence else 1
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The (width, height) to generate at for an exact output size; the engine fits the images to it."""
@@ -137,7 +141,7 @@ class Backend(ABC):
         image = Image.new("RGB", (width, height), (128, 128, 128))
         inputs = ModelInputs(
             prompt="warm-up", negative_prompt="", image=image, end_image=None, width=width, height=height,
-            num_frames=self.spec.frames_for(5), seed=0, steps=2,
+            model_frames=self.spec.frames_for(5), seed=0, steps=2,
         )  # fmt: skip
         with torch.inference_mode():
             self.generate(inputs, lambda step, total: None)

@@ -41,7 +41,8 @@ from safetensors.torch import save_file
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
 from ..geometry import Grid
-from ..speed import Speed, place
+from ..placement import place
+from ..speed import Speed
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
 
 UPSAMPLER_FOLDER = "latent_upsampler"
@@ -108,8 +109,10 @@ class LTX2(Backend):
     tiny_grid = Grid(max_area=64 * 64, multiple=32)
     distilled: ClassVar[bool] = False
 
-    def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
-        super().__init__(spec, device, speed)
+    def __init__(
+        self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
+    ) -> None:
+        super().__init__(spec, device, speed, ranks=ranks)
         self.upsampler: Any = None
         self.shifted_scheduler: Any = None
         self.fixed_scheduler: Any = None
@@ -181,7 +184,7 @@ class LTX2(Backend):
             "conditions": conditions,
             "prompt": inputs.prompt,
             "negative_prompt": inputs.negative_prompt,
-            "num_frames": inputs.num_frames,
+            "num_frames": inputs.model_frames,
             "frame_rate": float(self.spec.fps),
             "generator": generator,
             "use_cross_timestep": False,  # LTX-2.0 modulates cross-attention with its own modality's sigma

@@ -23,7 +23,8 @@ from diffusers import (
 
 from ..batched_cfg import BatchedCFG
 from ..geometry import Grid
-from ..speed import Speed, step_cache
+from ..placement import step_cache
+from ..speed import Speed
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
 from .tiny_parts import tiny_umt5
 
@@ -45,10 +46,12 @@ class WanTI2V(Backend):
         max_area=128 * 128, multiple=32
     )  # e.g. 160x96 for 16:9: the VAE decode dominates CPU time
     cache_threshold = 0.05
-    context_parallel = True
+    splits_sequence = True
 
-    def __init__(self, spec: BackendSpec, device: torch.device, speed: Speed | None = None) -> None:
-        super().__init__(spec, device, speed)
+    def __init__(
+        self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
+    ) -> None:
+        super().__init__(spec, device, speed, ranks=ranks)
         self.batched_cfg: BatchedCFG | None = None
 
     def load(self) -> None:
@@ -90,7 +93,7 @@ class WanTI2V(Backend):
                 negative_prompt_embeds=negative,
                 height=inputs.height,
                 width=inputs.width,
-                num_frames=inputs.num_frames,
+                num_frames=inputs.model_frames,
                 num_inference_steps=steps,
                 guidance_scale=self.spec.guidance,
                 generator=inputs.generator(),

@@ -6,8 +6,6 @@ Routes only translate HTTP to `Service` calls and back; errors leave as Replicat
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 import logging
@@ -16,12 +14,12 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,15 +42,60 @@ from .schemas import (
     not_found,
     prediction_body,
 )
-from .service import Service
-from .store import TERMINAL, FileRow, PredictionRow
+from .service import Page, Service
+from .states import TERMINAL
+from .store import PredictionRow
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 100
 MAX_WAIT = 60
 WAIT_MARGIN = 0.25  # answer a little before the client's read timeout (its wait + 0.5 s)
 _WAIT = re.compile(r"^wait(?:\s*=\s*(\d+))?$")
+
+
+# Typed dependencies: the routes know the service, the caller's owner id and the base URL, nothing more.
+
+
+def current_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(current_service)]
+
+
+def authenticate(request: Request, service: ServiceDep) -> str:
+    """The owner id of the caller's token, checked in constant time against every configured token (no
+    early exit: the time taken does not tell which token came close), then its request rate.
+
+    The owner is a hash the token's predictions and files are stored under; the token itself is never
+    logged or stored."""
+    config = service.config
+    if config.no_auth:
+        owner = token_owner(None)
+    else:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not token or scheme.lower() not in ("bearer", "token"):
+            raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
+        given = token.strip().encode()
+        matched = False
+        for known in config.tokens:
+            matched |= hmac.compare_digest(given, known.encode())
+        if not matched:
+            raise APIError(401, "Unauthenticated", "Invalid token")
+        owner = token_owner(given.decode())
+    service.check_request_rate(owner)
+    return owner
+
+
+Owner = Annotated[str, Depends(authenticate)]
+
+
+def request_base(request: Request, service: ServiceDep) -> str:
+    """The public URL when one is configured, else the origin the request came to."""
+    return service.base_url(str(request.base_url))
+
+
+BaseURL = Annotated[str, Depends(request_base)]
 
 
 def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
@@ -84,23 +127,17 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     app.state.service = service
     app.add_middleware(BodyLimit, max_body=config.max_body_bytes)
     _install_error_handlers(app)
-    authenticated = Depends(_authenticate(config, service))
-
-    def base(request: Request) -> str:
-        return service.base_url(str(request.base_url))
-
-    def owner(request: Request) -> str:
-        return request.state.owner
+    authenticated = Depends(authenticate)
 
     # health stays open so load balancers can probe without a token; Prometheus sends one for /metrics
 
     @app.get("/health-check")
-    def health() -> dict[str, Any]:
+    def health(service: ServiceDep) -> dict[str, Any]:
         return service.health()
 
     @app.get("/metrics", dependencies=[authenticated])
-    def metrics() -> Response:
-        return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+    def metrics(service: ServiceDep) -> Response:
+        return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", dependencies=[authenticated], include_in_schema=False)
     def openapi_document() -> dict[str, Any]:
@@ -118,15 +155,15 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
             "openapi_schema": openapi_schema(),
         }
 
-    def known_model(owner: str, name: str) -> None:
+    def known_model(service: Service, owner: str, name: str) -> None:
         if not service.model_known(owner, name):
             raise not_found(f"model {owner}/{name}")
 
     @api.get("/models/{owner}/{name}")
-    def get_model(owner: str, name: str, request: Request) -> dict[str, Any]:
-        known_model(owner, name)
+    def get_model(owner: str, name: str, service: ServiceDep, base: BaseURL) -> dict[str, Any]:
+        known_model(service, owner, name)
         return {
-            "url": f"{base(request)}/v1/models/{owner}/{name}",
+            "url": f"{base}/v1/models/{owner}/{name}",
             "owner": owner,
             "name": name,
             "description": "Image-to-video with Kling v2.1's inputs, on open-weight models served by i2v",
@@ -134,20 +171,20 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
             "github_url": None,
             "paper_url": None,
             "license_url": None,
-            "run_count": sum(service.store.counts_by_status().values()),
+            "run_count": service.run_count(),
             "cover_image_url": None,
             "default_example": None,
             "latest_version": version_body(),
         }
 
     @api.get("/models/{owner}/{name}/versions")
-    def list_versions(owner: str, name: str) -> dict[str, Any]:
-        known_model(owner, name)
+    def list_versions(owner: str, name: str, service: ServiceDep) -> dict[str, Any]:
+        known_model(service, owner, name)
         return {"next": None, "previous": None, "results": [version_body()]}
 
     @api.get("/models/{owner}/{name}/versions/{vid}")
-    def get_version(owner: str, name: str, vid: str) -> dict[str, Any]:
-        known_model(owner, name)
+    def get_version(owner: str, name: str, vid: str, service: ServiceDep) -> dict[str, Any]:
+        known_model(service, owner, name)
         if vid != version:
             raise not_found(f"version {vid}")
         return version_body()
@@ -155,17 +192,18 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     # predictions
 
     @api.post("/models/{owner}/{name}/predictions", status_code=201, openapi_extra=CREATE_BODY)
-    async def create_for_model(owner: str, name: str, request: Request) -> Response:
-        known_model(owner, name)
+    async def create_for_model(
+        owner: str, name: str, request: Request, service: ServiceDep, caller: Owner, base: BaseURL
+    ) -> Response:
+        known_model(service, owner, name)
         body = await _body(request)
-        model = f"{owner}/{name}"
-        row = await asyncio.to_thread(
-            service.create, model, version, body, base(request), request.state.owner
-        )
-        return await _created(row, request)
+        row = await asyncio.to_thread(service.create, f"{owner}/{name}", version, body, base, caller)
+        return await _created(service, row, request, base)
 
     @api.post("/predictions", status_code=201, openapi_extra=CREATE_BODY)
-    async def create_for_version(request: Request) -> Response:
+    async def create_for_version(
+        request: Request, service: ServiceDep, caller: Owner, base: BaseURL
+    ) -> Response:
         body = await _body(request)
         if not body.version:
             raise invalid(
@@ -173,58 +211,55 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
                 [InvalidField(type="required", field="version", description="Field required")],
             )
         model = service.resolve_version(body.version, version)
-        row = await asyncio.to_thread(service.create, model, version, body, base(request), owner(request))
-        return await _created(row, request)
+        row = await asyncio.to_thread(service.create, model, version, body, base, caller)
+        return await _created(service, row, request, base)
 
-    async def _created(row: PredictionRow, request: Request) -> Response:
+    async def _created(service: Service, row: PredictionRow, request: Request, base: str) -> Response:
         wait = _prefer_wait(request.headers.get("prefer"))
-        headers = {"location": f"{base(request)}/v1/predictions/{row.id}"}
+        headers = {"location": f"{base}/v1/predictions/{row.id}"}
         status = None
         if wait:
             row = await service.wait(row.id, max(0.5, wait - WAIT_MARGIN))  # its creator's: no owner check
             headers["preference-applied"] = "wait"
             # The official client polls only when the answer says `starting`: anything else it takes as final.
             status = None if row.status in TERMINAL else "starting"
-        return JSONResponse(
-            prediction_body(row, base(request), status=status), status_code=201, headers=headers
-        )
+        return JSONResponse(prediction_body(row, base, status=status), status_code=201, headers=headers)
 
     @api.get("/predictions")
-    def list_predictions(request: Request, cursor: str | None = None) -> dict[str, Any]:
-        return _page(
-            service,
-            PredictionRow,
-            cursor,
-            f"{base(request)}/v1/predictions",
-            lambda row: prediction_body(row, base(request)),
-            owner(request),
-        )
+    def list_predictions(
+        service: ServiceDep, caller: Owner, base: BaseURL, cursor: str | None = None
+    ) -> dict[str, Any]:
+        page = service.predictions(cursor, caller)
+        return _page(page, f"{base}/v1/predictions", lambda row: prediction_body(row, base))
 
     @api.get("/predictions/{prediction_id}")
-    def get_prediction(prediction_id: str, request: Request) -> dict[str, Any]:
-        return prediction_body(service.get(prediction_id, owner(request)), base(request))
+    def get_prediction(
+        prediction_id: str, service: ServiceDep, caller: Owner, base: BaseURL
+    ) -> dict[str, Any]:
+        return prediction_body(service.get(prediction_id, caller), base)
 
     @api.post("/predictions/{prediction_id}/cancel")
-    async def cancel_prediction(prediction_id: str, request: Request) -> dict[str, Any]:
-        row = await asyncio.to_thread(service.cancel, prediction_id, owner(request))
+    async def cancel_prediction(
+        prediction_id: str, service: ServiceDep, caller: Owner, base: BaseURL
+    ) -> dict[str, Any]:
+        row = await asyncio.to_thread(service.cancel, prediction_id, caller)
         if row.status not in TERMINAL:  # give a running one a moment to stop at its next step
             row = await service.wait(prediction_id, 2.0)
-        return prediction_body(row, base(request))
+        return prediction_body(row, base)
 
     @api.get("/predictions/{prediction_id}/output.mp4")
-    def get_output(prediction_id: str, request: Request) -> FileResponse:
-        row = service.get(prediction_id, owner(request))
-        path = config.outputs_dir / f"{row.id}.mp4"
-        if not row.output or row.data_removed or not path.is_file():
-            raise not_found(f"output of prediction {prediction_id}")
+    def get_output(prediction_id: str, service: ServiceDep, caller: Owner) -> FileResponse:
+        path = service.output(prediction_id, caller)
         return FileResponse(
-            path, media_type="video/mp4", filename=f"{row.id}.mp4", content_disposition_type="inline"
+            path, media_type="video/mp4", filename=path.name, content_disposition_type="inline"
         )
 
     # files
 
     @api.post("/files", status_code=201, openapi_extra=UPLOAD_BODY)
-    async def upload_file(request: Request) -> dict[str, Any]:
+    async def upload_file(
+        request: Request, service: ServiceDep, caller: Owner, base: BaseURL
+    ) -> dict[str, Any]:
         """Multipart: `content` (the file), optional `metadata` (JSON, as text or as a part: the JS client
         sends a Blob), `filename` and `type`."""
         form = await request.form()
@@ -242,83 +277,43 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
             or "application/octet-stream"
         )
         try:
-            row = await asyncio.to_thread(
-                service.files.save, content.file, name, content_type, meta, owner(request)
-            )
+            row = await asyncio.to_thread(service.upload, content.file, name, content_type, meta, caller)
         except FileTooLarge as exc:
             raise APIError(413, "Payload too large", str(exc)) from None
         finally:
             await form.close()
-        return file_body(row, base(request))
+        return file_body(row, base)
 
     @api.get("/files")
-    def list_files(request: Request, cursor: str | None = None) -> dict[str, Any]:
-        return _page(
-            service,
-            FileRow,
-            cursor,
-            f"{base(request)}/v1/files",
-            lambda row: file_body(row, base(request)),
-            owner(request),
-        )
-
-    def _file(file_id: str, request: Request) -> FileRow:
-        row = service.store.file(file_id, owner(request))  # only the token's own: others' read as missing
-        if row is None:
-            raise not_found(f"file {file_id}")
-        return row
+    def list_files(
+        service: ServiceDep, caller: Owner, base: BaseURL, cursor: str | None = None
+    ) -> dict[str, Any]:
+        page = service.list_files(cursor, caller)
+        return _page(page, f"{base}/v1/files", lambda row: file_body(row, base))
 
     @api.get("/files/{file_id}")
-    def get_file(file_id: str, request: Request) -> dict[str, Any]:
-        return file_body(_file(file_id, request), base(request))
+    def get_file(file_id: str, service: ServiceDep, caller: Owner, base: BaseURL) -> dict[str, Any]:
+        return file_body(service.file(file_id, caller), base)
 
     @api.get("/files/{file_id}/download")
-    def download_file(file_id: str, request: Request) -> FileResponse:
-        row = _file(file_id, request)
-        return FileResponse(service.files.path(row.id), media_type=row.content_type, filename=row.name)
+    def download_file(file_id: str, service: ServiceDep, caller: Owner) -> FileResponse:
+        row = service.file(file_id, caller)
+        return FileResponse(service.file_path(row), media_type=row.content_type, filename=row.name)
 
     @api.delete("/files/{file_id}", status_code=204)
-    def delete_file(file_id: str, request: Request) -> Response:
-        if not service.files.delete(file_id, owner(request)):
-            raise not_found(f"file {file_id}")
+    def delete_file(file_id: str, service: ServiceDep, caller: Owner) -> Response:
+        service.delete_file(file_id, caller)
         return Response(status_code=204)
 
     # webhooks
 
     @api.get("/webhooks/default/secret")
-    def webhook_secret() -> dict[str, str]:
-        return {"key": service.webhooks.secret}
+    def webhook_secret(service: ServiceDep) -> dict[str, str]:
+        return {"key": service.webhook_secret()}
 
     app.include_router(api)
     app.include_router(web.router)  # the page at /, open: it asks the API for a token itself
     return app
-
-
-def _authenticate(config: ServerConfig, service: Service) -> Callable[[Request], None]:
-    """Check the bearer token (in constant time, against every configured token), then its request rate.
-
-    Sets `request.state.owner`, the hash the token's predictions and files are stored under. The token
-    itself is never logged or stored.
-    """
-    tokens = [t.encode() for t in config.tokens]
-
-    def check(request: Request) -> None:
-        if config.no_auth:
-            request.state.owner = token_owner(None)
-        else:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if not token or scheme.lower() not in ("bearer", "token"):
-                raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
-            given = token.strip().encode()
-            matched = False
-            for known in tokens:  # no early exit: the time taken does not tell which token came close
-                matched |= hmac.compare_digest(given, known)
-            if not matched:
-                raise APIError(401, "Unauthenticated", "Invalid token")
-            request.state.owner = token_owner(given.decode())
-        service.check_rate(service.request_limit, request.state.owner, "requests")
-
-    return check
 
 
 async def _body(request: Request) -> CreatePrediction:
@@ -362,40 +357,12 @@ def _prefer_wait(header: str | None) -> float | None:
     return None
 
 
-def _cursor(value: dict[str, int]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
-def _page(
-    service: Service,
-    model: type,
-    cursor: str | None,
-    url: str,
-    render: Callable[[Any], Any],
-    owner: str,
-) -> dict[str, Any]:
-    """Newest first, PAGE_SIZE a page; `next`/`previous` are absolute URLs with an opaque cursor."""
-    after = before = None
-    if cursor:
-        try:
-            decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-            after, before = decoded.get("a"), decoded.get("b")
-            if not all(v is None or (isinstance(v, int) and abs(v) < 2**62) for v in (after, before)):
-                raise ValueError("not a position")
-        except (binascii.Error, ValueError, AttributeError):
-            raise APIError(400, "Invalid request", "the cursor is not one this server made") from None
-    store = service.store
-    rows, more = store.page(model, after=after, before=before, limit=PAGE_SIZE, owner=owner)
-    older = newer = False
-    if rows:
-        if before is None:
-            older, newer = more, after is not None and store.exists_newer(model, rows[0].seq, owner)
-        else:
-            older, newer = store.exists_older(model, rows[-1].seq, owner), more
+def _page(page: Page[Any], url: str, render: Callable[[Any], Any]) -> dict[str, Any]:
+    """A list page as Replicate shows it: `next`/`previous` are absolute URLs with an opaque cursor."""
     return {
-        "next": f"{url}?cursor={_cursor({'a': rows[-1].seq})}" if older else None,
-        "previous": f"{url}?cursor={_cursor({'b': rows[0].seq})}" if newer else None,
-        "results": [render(row) for row in rows],
+        "next": f"{url}?cursor={page.next_cursor}" if page.next_cursor else None,
+        "previous": f"{url}?cursor={page.previous_cursor}" if page.previous_cursor else None,
+        "results": [render(row) for row in page.rows],
     }
 
 

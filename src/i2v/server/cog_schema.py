@@ -14,13 +14,12 @@ from functools import cache
 from typing import Any
 
 from ..request import KlingRequest
+from .states import STATUSES, WEBHOOK_EVENTS
 
 COG_VERSION = (
     "0.23.1"  # the Cog release whose schema conventions this follows (and predict.py is tested with)
 )
 OUTPUT = {"type": "string", "title": "Output", "format": "uri"}
-STATUSES = ["starting", "processing", "succeeded", "canceled", "failed"]
-EVENTS = ["start", "output", "logs", "completed"]
 
 
 def _cog_property(name: str, prop: dict[str, Any], enums: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +77,11 @@ def openapi_schema() -> dict[str, Any]:
             "maxLength": 65536,
             "minLength": 1,
         },
-        "webhook_events_filter": {"type": "array", "items": ref("WebhookEvent"), "default": EVENTS},
+        "webhook_events_filter": {
+            "type": "array",
+            "items": ref("WebhookEvent"),
+            "default": list(WEBHOOK_EVENTS),
+        },
         "output_file_prefix": {"title": "Output File Prefix", "type": "string"},
     }
     return {
@@ -131,13 +134,13 @@ def openapi_schema() -> dict[str, Any]:
                 "Status": {
                     "title": "Status",
                     "description": "An enumeration.",
-                    "enum": STATUSES,
+                    "enum": list(STATUSES),
                     "type": "string",
                 },
                 "WebhookEvent": {
                     "title": "WebhookEvent",
                     "description": "An enumeration.",
-                    "enum": EVENTS,
+                    "enum": list(WEBHOOK_EVENTS),
                     "type": "string",
                 },
                 "PredictionRequest": {

@@ -1,16 +1,24 @@
-"""Server settings: from the command line and the environment, checked once at start-up."""
+"""Server settings: flags from the command line over the environment over defaults, checked once at start.
+
+Built like the engine's settings (`i2v.settings`): one table names the variables, and a bad value stops
+`i2v serve` with one line naming the variable.
+"""
 
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
 
 from ..devices import device_group
 from ..errors import I2VError
-from ..images import _allowlist_from_env
-from .webhooks import RETRY_DELAYS
+from ..parsing import CommaList, Duration, Flag, Limit, Seconds
+from ..parsing import parse_duration as _parse_duration
+from ..request import ImageField
+from ..settings import EnvSettings, FieldPath, xdg_data_home
 
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = "0.0.0.0"
@@ -21,69 +29,24 @@ DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 DEFAULT_REQUEST_RATE = 2400
 DEFAULT_CREATE_RATE = 60
 DEFAULT_MAX_UNFINISHED = 50
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # after the first try of a terminal webhook: ~63 s in all
+_ORIGIN = re.compile(r"^https?://[^/]+")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-
-class ConfigError(ValueError):
+class ConfigError(I2VError, ValueError):
     """A setting is missing or malformed; the message says which and how to fix it."""
 
 
 def parse_duration(text: str, name: str) -> float | None:
-    """'3600', '90s', '30m', '1h', '7d' -> seconds; '', '0', 'off' -> None (never)."""
-    text = text.strip().lower()
-    if text in ("", "0", "off", "never", "none"):
-        return None
-    match = _DURATION.match(text)
-    if not match:
-        raise ConfigError(f"{name}: expected a duration like 3600, 90s, 30m, 1h or 7d, got {text!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _int(name: str, default: int) -> int:
-    """A count from the environment; '0' or 'off' turns the limit off (returned as 0)."""
-    text = os.environ.get(name, "").strip().lower()
-    if not text:
-        return default
-    if text in ("off", "none", "never"):
-        return 0
-    if not text.isdigit():
-        raise ConfigError(f"{name}: expected a whole number (0 or off for no limit), got {text!r}")
-    return int(text)
-
-
-def _delays(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
+    """'3600', '90s', '30m', '1h', '7d' -> seconds; '', '0', 'off' -> None (never); errors name `name`."""
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(
-            f"{name}: expected seconds separated by commas, like 1,2,4,8, got {text!r}"
-        ) from None
+        return _parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
-def _tokens_from_env() -> tuple[str, ...]:
-    return tuple(t.strip() for t in os.environ.get("I2V_API_TOKEN", "").split(",") if t.strip())
-
-
-def _default_data_dir() -> Path:
-    explicit = os.environ.get("I2V_DATA_DIR", "").strip()
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME", "").strip()
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / "i2v"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything the service needs to know; `from_env` fills what the command line leaves open.
+class ServerConfig(EnvSettings):
+    """Everything the service needs to know; `from_env` lets the command line's flags win.
 
     - tokens: accepted API tokens (`I2V_API_TOKEN`, comma-separated). Empty only with `no_auth`.
     - public_url: the origin clients reach us at (`I2V_PUBLIC_URL`, e.g. https://video.example.com behind a
@@ -102,24 +65,42 @@ class ServerConfig:
     - webhook_retry_delays: seconds between retries of a terminal webhook (`I2V_WEBHOOK_RETRY_DELAYS`).
     """
 
-    data_dir: Path
+    ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
+        "I2V_API_TOKEN": ("tokens",),
+        "I2V_PUBLIC_URL": ("public_url",),
+        "I2V_RETENTION": ("retention",),
+        "I2V_RETRY_ON_RESTART": ("retry_on_restart",),
+        "I2V_DEVICES": ("devices",),
+        "I2V_DATA_DIR": ("data_dir",),
+        "I2V_MODEL": ("model",),
+        "I2V_WEBHOOK_SECRET": ("webhook_secret",),
+        "I2V_FETCH_ALLOW": ("fetch_allow",),
+        "I2V_MAX_BODY_BYTES": ("max_body_bytes",),
+        "I2V_REQUEST_RATE": ("request_rate",),
+        "I2V_CREATE_RATE": ("create_rate",),
+        "I2V_MAX_UNFINISHED": ("max_unfinished",),
+        "I2V_WEBHOOK_RETRY_DELAYS": ("webhook_retry_delays",),
+    }
+    error: ClassVar[type[Exception]] = ConfigError
+
+    data_dir: Path = Field(default_factory=lambda: xdg_data_home() / "i2v")
     model: str | None = None
-    host: str = ALL_INTERFACES
+    host: str = ALL_INTERFACES  # LOOPBACK when no_auth and no host is given
     port: int = DEFAULT_PORT
-    tokens: tuple[str, ...] = ()
+    tokens: CommaList = ()
     no_auth: bool = False
     public_url: str | None = None
-    retention: float | None = None
-    retry_on_restart: bool = False
+    retention: Duration = None
+    retry_on_restart: Flag = False
     devices: tuple[str | None, ...] = (None,)
     webhook_secret: str | None = None
-    model_names: tuple[str, ...] = field(default=("i2v/default", "kwaivgi/kling-v2.1"))
-    fetch_allow: tuple[str, ...] = ()
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    request_rate: int = DEFAULT_REQUEST_RATE
-    create_rate: int = DEFAULT_CREATE_RATE
-    max_unfinished: int = DEFAULT_MAX_UNFINISHED
-    webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS
+    model_names: tuple[str, ...] = ("i2v/default", "kwaivgi/kling-v2.1")
+    fetch_allow: CommaList = ()
+    max_body_bytes: Limit = DEFAULT_MAX_BODY_BYTES
+    request_rate: Limit = DEFAULT_REQUEST_RATE
+    create_rate: Limit = DEFAULT_CREATE_RATE
+    max_unfinished: Limit = DEFAULT_MAX_UNFINISHED
+    webhook_retry_delays: Seconds = RETRY_DELAYS
 
     @classmethod
     def from_env(
@@ -131,44 +112,51 @@ class ServerConfig:
         data_dir: str | Path | None = None,
         no_auth: bool = False,
     ) -> ServerConfig:
-        tokens = _tokens_from_env()
-        if not tokens and not no_auth:
-            raise ConfigError(
-                "no API token: set I2V_API_TOKEN (one or several, comma-separated), "
-                "or pass --no-auth to serve without authentication on loopback"
-            )
-        public_url = os.environ.get("I2V_PUBLIC_URL", "").strip().rstrip("/") or None
-        if public_url and not re.match(r"^https?://[^/]+", public_url):
-            raise ConfigError(
-                "I2V_PUBLIC_URL: expected an http(s) origin like https://video.example.com, "
-                f"got {public_url!r}"
-            )
-        devices_env = [d.strip() for d in os.environ.get("I2V_DEVICES", "").split(",") if d.strip()]
-        for spec in devices_env:
+        """The settings with the command line's flags (those given) over the environment."""
+        flags = {"host": host, "port": port, "model": model, "data_dir": data_dir}
+        return cls(no_auth=no_auth, **{name: value for name, value in flags.items() if value is not None})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loopback_without_auth(cls, values: Any) -> Any:
+        # Without authentication, only this machine may connect unless the operator says otherwise.
+        if isinstance(values, dict) and values.get("no_auth") and not values.get("host"):
+            values = {**values, "host": LOOPBACK}
+        return values
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        value = (value or "").strip().rstrip("/") or None
+        if value and not _ORIGIN.match(value):
+            raise ValueError(f"expected an http(s) origin like https://video.example.com, got {value!r}")
+        return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(spec.strip() for spec in value.split(",") if spec.strip()) or (None,)
+        for spec in value:
             try:
                 device_group(spec)
             except I2VError as exc:
-                raise ConfigError(f"I2V_DEVICES: {exc}") from exc
-        return cls(
-            data_dir=Path(data_dir).expanduser() if data_dir else _default_data_dir(),
-            model=model or os.environ.get("I2V_MODEL", "").strip() or None,
-            # Without authentication, only this machine may connect unless the operator says otherwise.
-            host=host or (LOOPBACK if no_auth else ALL_INTERFACES),
-            port=DEFAULT_PORT if port is None else port,
-            tokens=tokens,
-            no_auth=no_auth,
-            public_url=public_url,
-            retention=parse_duration(os.environ.get("I2V_RETENTION", ""), "I2V_RETENTION"),
-            retry_on_restart=_flag("I2V_RETRY_ON_RESTART"),
-            devices=tuple(devices_env) or (None,),
-            webhook_secret=os.environ.get("I2V_WEBHOOK_SECRET", "").strip() or None,
-            fetch_allow=_allowlist_from_env(),
-            max_body_bytes=_int("I2V_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-            request_rate=_int("I2V_REQUEST_RATE", DEFAULT_REQUEST_RATE),
-            create_rate=_int("I2V_CREATE_RATE", DEFAULT_CREATE_RATE),
-            max_unfinished=_int("I2V_MAX_UNFINISHED", DEFAULT_MAX_UNFINISHED),
-            webhook_retry_delays=_delays("I2V_WEBHOOK_RETRY_DELAYS", RETRY_DELAYS),
-        )
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _needs_a_token(self) -> ServerConfig:
+        if not self.tokens and not self.no_auth:
+            raise ValueError(
+                "no API token: set I2V_API_TOKEN (one or several, comma-separated), "
+                "or pass --no-auth to serve without authentication on loopback"
+            )
+        return self
 
     @property
     def db_path(self) -> Path:
@@ -181,3 +169,19 @@ class ServerConfig:
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.data_dir / "inputs"
+
+    def output_path(self, prediction_id: str) -> Path:
+        """Where a prediction's mp4 is written and served from."""
+        return self.outputs_dir / f"{prediction_id}.mp4"
+
+    def input_path(self, prediction_id: str, field: ImageField) -> Path:
+        """Where an image input's bytes, checked at create, wait for the worker."""
+        return self.inputs_dir / f"{prediction_id}.{field}"
+
+    def base_url(self, request_base: str) -> str:
+        """The origin URLs are built from: the public URL when set, else the one the request came to."""
+        return self.public_url or request_base.rstrip("/")

@@ -77,11 +77,3 @@ class Files:
             return False
         self.path(file_id).unlink(missing_ok=True)
         return True
-
-    def data_uri(self, file_id: str) -> str | None:
-        """An uploaded file as a data URI, for the worker (which never reads local paths from requests)."""
-        row = self.store.file(file_id)
-        path = self.path(file_id)
-        if row is None or not path.is_file():
-            return None
-        return f"data:{row.content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"

@@ -6,7 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, ServerConfig
+from ..errors import I2VError
+from ..settings import Settings
+from .config import ServerConfig
 
 KEEP_ALIVE_S = 75
 
@@ -21,7 +23,8 @@ def serve(
 ) -> int:
     try:
         config = ServerConfig.from_env(host=host, port=port, model=model, data_dir=data_dir, no_auth=no_auth)
-    except ConfigError as exc:
+        Settings()  # the engine's settings too (the workers read them): a bad one stops the start here
+    except I2VError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import uvicorn

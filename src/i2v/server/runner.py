@@ -2,26 +2,43 @@
 
 The service hands a `Runner` one `Job` at a time per free slot and learns what happens through `Event`s.
 Today's runner is a local worker process per GPU (`worker.LocalRunner`); a distributed engine can take its
-place by implementing the same few methods, without touching the HTTP layer.
+place by implementing the same few methods, without touching the HTTP layer. Jobs and events are plain
+dataclasses that pickle as they are, and a job carries everything the model needs (the request and the
+bytes of its images), so no file system is shared with whoever runs it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..request import ImageField, KlingRequest
 
 RunnerState = Literal["STARTING", "READY", "BUSY", "SETUP_FAILED"]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One prediction to run. `request` holds KlingRequest fields; its images are http(s) URLs or data URIs
-    (uploaded files are inlined by the service), never local paths. The mp4 is written to `output`."""
+    """One prediction to run: the validated request, and the bytes of its image inputs as checked at
+    create (the runner fetches nothing). The mp4 is written to `output`."""
 
     id: str
-    request: dict[str, Any]
+    request: KlingRequest
+    images: dict[ImageField, bytes]
     output: str
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What the model made, for the prediction's logs."""
+
+    seed: int
+    model: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
 
 
 @dataclass(frozen=True)
@@ -39,7 +56,7 @@ class Log:
 class Succeeded:
     id: str
     predict_time: float
-    info: dict[str, Any] = field(default_factory=dict)  # seed, model, width, height, ...
+    info: ClipInfo | None = None
 
 
 @dataclass(frozen=True)

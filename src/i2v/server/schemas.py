@@ -8,10 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..request import field_errors
+from .states import Status, WebhookEvent
 from .store import FileRow, PredictionRow
-
-Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
-WebhookEvent = Literal["start", "output", "logs", "completed"]
 
 
 class CreatePrediction(BaseModel):
@@ -151,7 +149,7 @@ def prediction_body(row: PredictionRow, base: str, *, status: Status | None = No
         output=f"{url}/output.mp4" if row.output and not row.data_removed else None,
         logs=row.logs,
         error=row.error,
-        status=status or row.status,  # type: ignore[arg-type]
+        status=status or row.status,
         data_removed=row.data_removed,
         created_at=timestamp(row.created_at),  # type: ignore[arg-type]
         started_at=timestamp(row.started_at),

@@ -30,11 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-QUEUED = "starting"  # Replicate's name for a prediction that has not begun running
-RUNNING = "processing"
-SUCCEEDED, FAILED, CANCELED = "succeeded", "failed", "canceled"
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+from .states import FAILED, QUEUED, RUNNING, STATUSES, UNFINISHED, Status
 
 
 def utcnow() -> datetime:
@@ -54,7 +50,7 @@ class PredictionRow(Base):
     model: Mapped[str] = mapped_column(String(200))
     version: Mapped[str] = mapped_column(String(200))
     input: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[Status] = mapped_column(String(16), index=True)
     output: Mapped[str | None] = mapped_column(String(300), default=None)  # file name under outputs/
     logs: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text, default=None)
@@ -156,7 +152,7 @@ class Store:
             return s.scalar(
                 select(func.count())
                 .select_from(PredictionRow)
-                .where(PredictionRow.owner == owner, PredictionRow.status.in_((QUEUED, RUNNING)))
+                .where(PredictionRow.owner == owner, PredictionRow.status.in_(UNFINISHED))
             )
 
     def transition(
@@ -236,7 +232,7 @@ class Store:
         with self.session() as s:
             return s.scalar(query) > 0
 
-    def counts_by_status(self) -> dict[str, int]:
+    def counts_by_status(self) -> dict[Status, int]:
         with self.session() as s:
             rows = s.execute(select(PredictionRow.status, func.count()).group_by(PredictionRow.status)).all()
         counts = dict.fromkeys(STATUSES, 0)

@@ -28,13 +28,13 @@ import httpx
 
 from ..errors import InputError
 from ..images import Pinned
+from .config import RETRY_DELAYS
+from .states import WebhookEvent
 from .store import DeliveryRow, Store, utcnow
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("start", "output", "logs", "completed")
 MIN_INTERVAL = 0.5  # seconds between non-terminal webhooks of one prediction
-RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # after the first try of a terminal event: ~63 s in all
 TIMEOUT = 10.0
 
 BodyFactory = Callable[[], str | None]
@@ -107,13 +107,13 @@ class WebhookSender:
             self._wake.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def send(self, prediction_id: str, url: str, event: str, body: str, *, terminal: bool) -> None:
+    def send(self, prediction_id: str, url: str, event: WebhookEvent, body: str, *, terminal: bool) -> None:
         """Send now (a terminal event, or a start); progress should go through `send_progress`."""
         if not terminal:
             self._last_sent[prediction_id] = time.monotonic()
         self._push(0.0, "deliver", self._record(prediction_id, url, event, body, terminal))
 
-    def send_progress(self, prediction_id: str, url: str, event: str, body: BodyFactory) -> None:
+    def send_progress(self, prediction_id: str, url: str, event: WebhookEvent, body: BodyFactory) -> None:
         """At most one progress webhook per MIN_INTERVAL; a throttled one goes later with the latest state."""
         with self._wake:
             if prediction_id in self._flush_pending:

@@ -1,7 +1,8 @@
 """The local runner: one worker process per GPU (or GPU group), each running one prediction at a time.
 
 The worker process is the only place the engine (and so torch) is imported. It talks to the server over a
-pipe: the server sends ("run", job), ("cancel", id) and ("stop",); the worker answers with events.
+pipe, in typed messages that pickle as they are: the server sends `RunJob`, `CancelJob` and `StopWorker`;
+the worker answers with the runner's events (`Started`, `Log`, `Succeeded`, ..., `StateChanged`).
 If the server dies, the pipe closes and the worker exits at once, so no orphan keeps the GPU busy.
 """
 
@@ -17,12 +18,16 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..devices import GROUP_SEPARATOR
+from ..request import Mode
 from .runner import (
     Canceled,
+    ClipInfo,
     Event,
     EventCallback,
     Failed,
@@ -34,10 +39,35 @@ from .runner import (
     Succeeded,
 )
 
+if TYPE_CHECKING:
+    from ..engine import Engine
+
 log = logging.getLogger(__name__)
 
-SETUP_MODE = "standard"  # the backend loaded at start-up; others load on first use
+SETUP_MODE: Mode = "standard"  # the backend loaded at start-up; others load on first use
 BAR_WIDTH = 20
+
+
+# What the server sends a worker.
+
+
+@dataclass(frozen=True)
+class RunJob:
+    job: Job
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    id: str
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    """Exit now; a running job is abandoned (the store marks it interrupted at the next start)."""
+
+
+ToWorker = RunJob | CancelJob | StopWorker
+Send = Callable[[Event], None]
 
 
 def progress_line(stage: str, step: int | None, total: int | None) -> str:
@@ -79,13 +109,13 @@ class WorkerProcess:
         self.state, self.current = "STARTING", None
         threading.Thread(target=self._read, name=f"i2v-worker-{self.index}-events", daemon=True).start()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ToWorker) -> None:
         with self._send_lock:
             self._conn.send(message)
 
     def submit(self, job: Job) -> None:
         self.current = job.id
-        self.send(("run", job))
+        self.send(RunJob(job))
 
     def _read(self) -> None:
         conn = self._conn
@@ -98,30 +128,21 @@ class WorkerProcess:
                 self._on_event(event)
         self._died()
 
-    def _translate(self, message: tuple[Any, ...]) -> list[Event]:
-        kind = message[0]
-        if kind == "ready":
-            self.state, self._crashes = "READY", 0
-            return [StateChanged("READY")]
-        if kind == "setup_failed":
-            self.state, self.error = "SETUP_FAILED", message[1]
-            return [StateChanged("SETUP_FAILED", message[1])]
-        if kind == "started":
-            return [Started(message[1])]
-        if kind == "log":
-            return [Log(message[1], message[2])]
-        done: Event
-        if kind == "succeeded":
-            done = Succeeded(message[1], message[2], message[3])
-        elif kind == "failed":
-            done = Failed(message[1], message[2])
-        elif kind == "canceled":
-            done = Canceled(message[1])
-        else:
-            log.warning("unknown message from worker: %r", kind)
-            return []
-        self.current = None  # free before the event goes out, so the next job can be dispatched at once
-        return [done, StateChanged(self.state)]
+    def _translate(self, event: Event) -> list[Event]:
+        match event:
+            case StateChanged("READY"):
+                self.state, self._crashes = "READY", 0
+            case StateChanged("SETUP_FAILED", detail):
+                self.state, self.error = "SETUP_FAILED", detail
+            case Started() | Log():
+                pass
+            case Succeeded() | Failed() | Canceled():
+                self.current = None  # free before the event goes out, so the next job is dispatched at once
+                return [event, StateChanged(self.state)]
+            case _:
+                log.warning("unknown message from worker: %r", event)
+                return []
+        return [event]
 
     def _died(self) -> None:
         self.process.join(timeout=5)
@@ -151,7 +172,7 @@ class WorkerProcess:
     def stop(self) -> None:
         self._stopping = True
         with contextlib.suppress(OSError):
-            self.send(("stop",))
+            self.send(StopWorker())
         self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()
@@ -198,7 +219,7 @@ class LocalRunner:
     def cancel(self, prediction_id: str) -> None:
         for worker in self._workers:
             if worker.current == prediction_id:
-                worker.send(("cancel", prediction_id))
+                worker.send(CancelJob(prediction_id))
 
     def stop(self) -> None:
         for worker in self._workers:
@@ -214,41 +235,42 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
     logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
     jobs: queue.Queue[Job | None] = queue.Queue()
     send_lock, state_lock = threading.Lock(), threading.Lock()
-    current: dict[str, Any] = {"id": None, "cancel": None}
+    running: dict[str, threading.Event] = {}  # the job now running, and its cancel flag
     early_cancels: set[str] = set()
 
-    def send(*message: Any) -> None:
+    def send(event: Event) -> None:
         with send_lock:
-            conn.send(message)
+            conn.send(event)
 
     def read() -> None:
         while True:
             try:
-                message = conn.recv()
+                message: ToWorker = conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the server is gone: free the GPU now
-            if message[0] == "run":
-                jobs.put(message[1])
-            elif message[0] == "cancel":
-                with state_lock:
-                    if current["id"] == message[1]:
-                        current["cancel"].set()
-                    else:
-                        early_cancels.add(message[1])
-            elif message[0] == "stop":
-                os._exit(0)  # a running job is abandoned; the store marks it interrupted at the next start
+            match message:
+                case RunJob(job):
+                    jobs.put(job)
+                case CancelJob(prediction_id):
+                    with state_lock:
+                        if prediction_id in running:
+                            running[prediction_id].set()
+                        else:
+                            early_cancels.add(prediction_id)
+                case StopWorker():
+                    os._exit(0)  # a running job is abandoned; the store marks it interrupted at next start
 
     threading.Thread(target=read, name="server-pipe", daemon=True).start()
 
-    engine: Any = None
+    engine: Engine | None = None
     setup_error: str | None = None
     try:
+        from ..engine import Engine
         from ..images import ImageLoader
-        from ..parallel import open_engine
 
-        # Images come from the network: URLs and data URIs only, never a path on this machine.
-        # A device group ("cuda:0+cuda:1") gives one engine that splits each request across its GPUs.
-        engine = open_engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
+        # Images arrive as the bytes checked at create; the engine never fetches or reads a path here.
+        # A device group ("cuda:0+cuda:1") gives an engine that splits each request across its GPUs.
+        engine = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
         engine.backend(SETUP_MODE)
         speed = engine.settings.speed
         if speed.on(speed.warmup, engine.device):  # compile and tune now, not in the first request
@@ -256,9 +278,9 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
     except Exception as exc:
         setup_error = f"model setup failed: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", setup_error, traceback.format_exc())
-        send("setup_failed", setup_error)
+        send(StateChanged("SETUP_FAILED", setup_error))
     else:
-        send("ready")
+        send(StateChanged("READY"))
 
     while (job := jobs.get()) is not None:
         cancel = threading.Event()
@@ -266,61 +288,59 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
             if job.id in early_cancels:
                 early_cancels.discard(job.id)
                 cancel.set()
-            current.update(id=job.id, cancel=cancel)
+            running[job.id] = cancel
         _run_job(job, engine, setup_error, cancel, send)
         with state_lock:
-            current.update(id=None, cancel=None)
-        if not getattr(engine, "healthy", True):  # a GPU group broken mid-run: start afresh
+            running.pop(job.id, None)
+        if engine is not None and not engine.healthy:  # a GPU group broken mid-run: start afresh
             log.error("the GPU group failed; this worker exits and the server starts a new one")
             os._exit(70)
 
 
-def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.Event, send: Any) -> None:
-    from pydantic import ValidationError
-
-    from ..errors import Cancelled, I2VError, InputError
+def _run_job(
+    job: Job, engine: Engine | None, setup_error: str | None, cancel: threading.Event, send: Send
+) -> None:
+    from .. import errors
     from ..progress import Progress
-    from ..request import KlingRequest, field_errors
 
-    send("started", job.id)
+    send(Started(job.id))
     clock = time.perf_counter()
     try:
         if cancel.is_set():
-            raise Cancelled("canceled before it started")
+            raise errors.Canceled("canceled before it started")
         if engine is None:
-            raise I2VError(setup_error or "the model is not set up")
-        request = KlingRequest.model_validate(job.request)
+            raise errors.I2VError(setup_error or "the model is not set up")
 
         def on_progress(progress: Progress) -> None:
-            send("log", job.id, progress_line(progress.stage, progress.step, progress.total))
+            send(Log(job.id, progress_line(progress.stage, progress.step, progress.total)))
 
-        result = engine.generate(request, job.output, on_progress=on_progress, cancel=cancel)
-    except Cancelled:
-        send("canceled", job.id)
-    except InputError as exc:
-        send("failed", job.id, f"{exc.field}: {exc.rule}")
-    except ValidationError as exc:
-        send("failed", job.id, "; ".join(f"{field}: {rule}" for field, rule in field_errors(exc)))
-    except I2VError as exc:
-        send("failed", job.id, str(exc))
+        result = engine.generate(
+            job.request, job.output, on_progress=on_progress, cancel=cancel, images=job.images
+        )
+    except errors.Canceled:
+        send(Canceled(job.id))
+    except errors.InputError as exc:
+        send(Failed(job.id, f"{exc.field}: {exc.rule}"))
+    except errors.I2VError as exc:
+        send(Failed(job.id, str(exc)))
     except Exception as exc:  # a bug or a GPU fault: report it on the prediction, keep serving
         if _out_of_memory(exc):
             log.error("prediction %s ran out of GPU memory: %s", job.id, exc)
             _free_gpu_memory()
-            send("failed", job.id, out_of_memory_advice(job.request))
+            send(Failed(job.id, out_of_memory_advice(job.request.mode, job.request.duration)))
         else:
             log.error("prediction %s crashed:\n%s", job.id, traceback.format_exc())
-            send("failed", job.id, f"internal error: {type(exc).__name__}: {exc}")
+            send(Failed(job.id, f"internal error: {type(exc).__name__}: {exc}"))
     else:
-        info = {
-            "seed": result.seed,
-            "model": result.model,
-            "width": result.width,
-            "height": result.height,
-            "num_frames": result.num_frames,
-            "fps": result.fps,
-        }
-        send("succeeded", job.id, time.perf_counter() - clock, info)
+        info = ClipInfo(
+            seed=result.seed,
+            model=result.model,
+            width=result.width,
+            height=result.height,
+            num_frames=result.num_frames,
+            fps=result.fps,
+        )
+        send(Succeeded(job.id, time.perf_counter() - clock, info))
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -340,12 +360,12 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def out_of_memory_advice(request: dict[str, Any]) -> str:
+def out_of_memory_advice(mode: str, duration: int) -> str:
     """What to ask for instead when a prediction did not fit in GPU memory."""
     smaller = []
-    if request.get("mode") == "pro":
+    if mode == "pro":
         smaller.append("mode standard (720p instead of 1080p)")
-    if str(request.get("duration")) == "10":
+    if duration == 10:
         smaller.append("duration 5")
     ask = "; ".join(smaller) if smaller else "a smaller request"
     return (

@@ -1,0 +1,77 @@
+"""How settings text becomes values: flags, comma-separated lists, counts and durations.
+
+Each parser takes what the environment gives (text) or an already typed value, and raises ValueError
+with the rule it expects; the settings classes add the variable's name (`i2v.settings`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_flag(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise ValueError(f"expected true or false, not {value!r}")
+
+
+def split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def parse_limit(value: Any) -> Any:
+    """A count where '0' or 'off' turns the limit off (0)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("off", "none", "never"):
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"expected a whole number (0 or off for no limit), got {text!r}")
+    return int(text)
+
+
+def parse_seconds_list(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"expected seconds separated by commas, like 1,2,4,8, got {value.strip()!r}"
+        ) from None
+
+
+def parse_duration(value: Any) -> Any:
+    """'3600', '90s', '30m', '1h', '7d' -> seconds; '', '0', 'off' -> None (never)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("", "0", "off", "never", "none"):
+        return None
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"expected a duration like 3600, 90s, 30m, 1h or 7d, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+Flag = Annotated[bool, BeforeValidator(parse_flag)]
+OptionalFlag = Annotated[bool | None, BeforeValidator(parse_flag)]
+CommaList = Annotated[tuple[str, ...], BeforeValidator(split_commas)]
+Limit = Annotated[int, BeforeValidator(parse_limit)]
+Seconds = Annotated[tuple[float, ...], BeforeValidator(parse_seconds_list)]
+Duration = Annotated[float | None, BeforeValidator(parse_duration)]
