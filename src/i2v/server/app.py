@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..request import KlingRequest
-from . import web
+from . import page_api, web
 from .cog_schema import COG_VERSION, openapi_schema, version_id
 from .config import ServerConfig
 from .files import MAX_FILE_BYTES, FileTooLarge
@@ -290,6 +290,7 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
         return {"key": service.webhooks.secret}
 
     app.include_router(api)
+    app.include_router(page_api.router, prefix="/v1", dependencies=[authenticated])  # poster, estimate
     app.include_router(web.router)  # the page at /, open: it asks the API for a token itself
     return app
 

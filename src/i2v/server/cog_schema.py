@@ -13,7 +13,8 @@ import json
 from functools import cache
 from typing import Any
 
-from ..request import KlingRequest
+from .. import images
+from ..request import FPS, SHORT_SIDE, KlingRequest
 
 COG_VERSION = (
     "0.23.1"  # the Cog release whose schema conventions this follows (and predict.py is tested with)
@@ -21,6 +22,15 @@ COG_VERSION = (
 OUTPUT = {"type": "string", "title": "Output", "format": "uri"}
 STATUSES = ["starting", "processing", "succeeded", "canceled", "failed"]
 EVENTS = ["start", "output", "logs", "completed"]
+# i2v's extensions (`x-i2v-*`, ignored by clients that do not know them): the rules the server checks
+# beyond the JSON types, so a page or client can check an image and show the output size before uploading.
+IMAGE_RULES = {
+    "formats": sorted(f"image/{name.lower()}" for name in images.FORMATS),
+    "max_bytes": images.MAX_BYTES,
+    "min_side": images.MIN_SIDE,
+    "max_aspect": images.MAX_ASPECT,
+}
+OUTPUT_RULES = {"short_side": SHORT_SIDE, "fps": FPS}
 
 
 def _cog_property(name: str, prop: dict[str, Any], enums: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +62,9 @@ def input_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     source = KlingRequest.model_json_schema()
     enums: dict[str, Any] = {}
     properties = {name: _cog_property(name, prop, enums) for name, prop in source["properties"].items()}
+    for name in ("start_image", "end_image"):
+        properties[name]["x-i2v-image"] = IMAGE_RULES
+    properties["mode"]["x-i2v-output"] = OUTPUT_RULES
     schema = {
         "type": "object",
         "title": "Input",

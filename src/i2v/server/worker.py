@@ -279,7 +279,7 @@ def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.E
     from pydantic import ValidationError
 
     from ..errors import Cancelled, I2VError, InputError
-    from ..progress import Progress
+    from ..progress import Progress, StageClock, format_stage_times
     from ..request import KlingRequest, field_errors
 
     send("started", job.id)
@@ -291,10 +291,14 @@ def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.E
             raise I2VError(setup_error or "the model is not set up")
         request = KlingRequest.model_validate(job.request)
 
+        stages = StageClock()  # the server's time estimates for similar clips come from these lines
+
         def on_progress(progress: Progress) -> None:
+            stages(progress)
             send("log", job.id, progress_line(progress.stage, progress.step, progress.total))
 
         result = engine.generate(request, job.output, on_progress=on_progress, cancel=cancel)
+        send("log", job.id, format_stage_times(stages.finish()))
     except Cancelled:
         send("canceled", job.id)
     except InputError as exc:
