@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -539,7 +540,7 @@ def test_the_result_is_the_clip_it_names_and_cancel_works_anywhere(
     assert estimate["basis"] == "same inputs" and estimate["count"] >= 1
     names = [s["name"] for s in estimate["stages"]]
     assert names[:2] == ["loading inputs", "loading model"] and "encoding video" in names
-    expect(page.locator("#clip-times")).to_contain_text("usually about 1 s here")
+    expect(page.locator("#clip-times")).to_contain_text(re.compile(r"left · usually about \d+ s here$"))
     shown = page.evaluate(
         "() => [document.querySelector('#clip-stage').textContent, document.querySelector('#clip-progress').value]"
     )
@@ -682,6 +683,18 @@ def test_errors_show_early_in_plain_words(page: Any, fault_server: str, image_fi
     page.click("#submit")
     expect(page.locator("#clip-state")).to_have_text("Done", timeout=60_000)
     expect(banner).to_be_hidden()
+    made = clip_id(page)
+
+    # When the server's list cannot be read, the history kept in this browser stands in.
+    expect(page.locator("#history-source")).to_have_text("This token's clips on the server, newest first.")
+    page.route("**/v1/predictions", lambda route: route.fulfill(status=404, body="{}"))
+    page.reload()
+    expect(page.locator("#history-source")).to_contain_text(
+        "Kept in this browser (the server's list could not be read"
+    )
+    expect(history_item(page, made).locator(".history-status")).to_have_text("Done")
+    expect(page.locator("#history > li")).to_have_count(1)  # only what this browser made
+    expect(history_item(page, made).locator("[data-action=remove]")).to_be_visible()
 
 
 def test_a_failed_clip_shows_its_logs_and_long_prompts_never_widen_the_page(

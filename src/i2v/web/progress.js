@@ -72,17 +72,21 @@ export function overall({ stage, step, total, runSeconds, stageSeconds, estimate
   const expected = estimate?.predict_time || null;
   const at = known.findIndex((s) => s.name === stage);
   if (at < 0) return { fraction: null, remaining: null };
-  const before = known.slice(0, at).reduce((sum, s) => sum + s.share, 0);
-  const share = known[at].share;
+  const whole = known.reduce((sum, s) => sum + s.share, 0) || 1;
+  const before = known.slice(0, at).reduce((sum, s) => sum + s.share, 0) / whole;
+  const share = known[at].share / whole;
+  const after = Math.max(0, 1 - before - share);
   let within;
   if (total) within = step / total;
   else if (expected && share > 0) within = Math.min(0.9, stageSeconds / (share * expected));
   else within = 0;
-  const whole = known.reduce((sum, s) => sum + s.share, 0) || 1;
-  const fraction = Math.min(0.99, (before + share * within) / whole);
+  const fraction = Math.min(0.99, before + share * within);
   if (!expected) return { fraction, remaining: null };
-  // History says how long; a run slower or faster than usual so far stretches the rest alike.
-  const usualSoFar = expected * fraction;
-  const pace = fraction > 0.1 && usualSoFar > 0 ? Math.min(3, Math.max(0.5, runSeconds / usualSoFar)) : 1;
-  return { fraction, remaining: Math.max(0, expected * (1 - fraction) * pace) };
+  // A run slower or faster than usual in the stages behind it is taken to go on at that pace.
+  const past = runSeconds - stageSeconds;
+  const pace = before > 0.05 && past > 0 ? Math.min(3, Math.max(0.5, past / (before * expected))) : 1;
+  let current;
+  if (total && step > 0 && stageSeconds > 0) current = (stageSeconds * (total - step)) / step; // its own rate
+  else current = Math.max(0, share * expected * pace - stageSeconds);
+  return { fraction, remaining: current + after * expected * pace };
 }
