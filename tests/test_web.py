@@ -252,7 +252,8 @@ RECORDER = """() => {
         const row = {
             id: document.querySelector('#clip').dataset.id,
             state: document.querySelector('#clip-state').textContent,
-            stage: document.querySelector('#clip-stage').textContent,
+            stage: document.querySelector('#clip-stage').textContent
+                + document.querySelector('#clip-steps').textContent,
             value: bar.hidden || !bar.hasAttribute('value') ? null : bar.value,
             times: document.querySelector('#clip-times').textContent,
             video: !document.querySelector('#clip-output').hidden,
@@ -418,6 +419,12 @@ def test_clip_plays_and_its_api_snippets_make_the_same_clip(
 
     page.click("#clip-logs summary")
     page.click("#clip-api summary")
+    # The prediction's JSON opens in a tab of its own, without the token (it is the JSON the page fetched).
+    with page.context.expect_page() as tab:
+        page.click("#clip-json-link")
+    tab.value.wait_for_load_state()
+    assert json.loads(tab.value.locator("body").inner_text())["id"] == clip_id(page)
+    tab.value.close()
     expect(page.locator("#clip-logs-text")).to_contain_text(f"seed: {seed}")
     expect(page.locator("#snippet-note")).to_contain_text(f"Seed {seed} is filled in")
     shots(page, "10-done")
@@ -533,7 +540,8 @@ def test_the_result_is_the_clip_it_names_and_cancel_works_anywhere(
     expect(page.locator("#clip-link")).to_have_text(second)
     expect(page.locator("#clip-output")).to_be_hidden()
     expect(page.locator("#clip-state")).to_have_text("Rendering")
-    expect(page.locator("#clip-stage")).to_contain_text("Denoising, step")
+    expect(page.locator("#clip-stage")).to_have_text("Denoising")
+    expect(page.locator("#clip-steps")).to_contain_text(", step ")
     # The bar covers all stages with the shares this server measured; the time comes from clip A.
     with api(fault_server) as client:
         estimate = client.get("/v1/i2v/estimate", params={"mode": "standard", "duration": "5"}).json()
@@ -542,7 +550,7 @@ def test_the_result_is_the_clip_it_names_and_cancel_works_anywhere(
     assert names[:2] == ["loading inputs", "loading model"] and "encoding video" in names
     expect(page.locator("#clip-times")).to_contain_text(re.compile(r"left · usually about \d+ s here$"))
     shown = page.evaluate(
-        "() => [document.querySelector('#clip-stage').textContent, document.querySelector('#clip-progress').value]"
+        "() => [document.querySelector('#clip-steps').textContent, document.querySelector('#clip-progress').value]"
     )
     step, total = (int(n) for n in shown[0].split("step ")[1].split(" of "))
     shares = {s["name"]: s["share"] for s in estimate["stages"]}
@@ -555,6 +563,8 @@ def test_the_result_is_the_clip_it_names_and_cancel_works_anywhere(
     page.click("#clip-cancel")
     expect(page.locator("#clip-state")).to_have_text("Canceled", timeout=30_000)
     expect(page.locator("#clip-stage")).to_be_empty()  # not "Canceled / Denoising"
+    expect(page.locator("#clip-steps")).to_be_empty()
+    expect(page.locator("#clip-title")).to_be_focused()  # Cancel is gone: focus stays in the panel
     expect(page.locator("#clip-link")).to_have_text(second)
     expect(page.locator("#clip-output")).to_be_hidden()
     expect(page.locator("#clip-progress")).to_be_hidden()
@@ -702,7 +712,7 @@ def test_a_failed_clip_shows_its_logs_and_long_prompts_never_widen_the_page(
 ) -> None:
     use_token(page, fault_server)
     image = image_file(480, 640)
-    new_clip(page, image, "fault:oom " + "a very long prompt that goes on " * 77)  # 2,474 characters
+    new_clip(page, image, "fault:oom " + "y" * 2490)  # 2,500 characters with no space to break at
     expect(page.locator("#clip-state")).to_have_text("Failed", timeout=60_000)
     expect(page.locator("#clip-error")).to_contain_text("This clip failed")
     expect(page.locator("#clip-error")).to_contain_text("out of GPU memory")

@@ -75,6 +75,7 @@ export class ClipView {
     $("clip-logs-text").textContent = "";
     $("clip-state").textContent = "";
     $("clip-stage").textContent = "";
+    $("clip-steps").textContent = "";
     $("clip-times").textContent = "";
     if (new URLSearchParams(location.search).get("prediction") !== pred.id) {
       history.replaceState(null, "", `?prediction=${encodeURIComponent(pred.id)}`);
@@ -110,7 +111,11 @@ export class ClipView {
     if (TERMINAL.has(pred.status)) job.canceling = false;
     this.render();
     if (pred.status === "succeeded" && !job.video) this.showOutput(pred);
-    if (!first && TERMINAL.has(pred.status) && !TERMINAL.has(was)) this.hooks.finished?.(pred);
+    if (!first && TERMINAL.has(pred.status) && !TERMINAL.has(was)) {
+      // Cancel is gone now: a keyboard user who was on it (or on nothing) stays in the panel.
+      if ([document.body, $("clip-cancel")].includes(document.activeElement)) $("clip-title").focus();
+      this.hooks.finished?.(pred);
+    }
   }
 
   render() {
@@ -127,10 +132,10 @@ export class ClipView {
     $("clip-state").textContent = STATE_LABEL[status] || status;
     const running = status === "processing";
     let stageText = running && stage ? capitalize(stage) : "";
-    if (running && total) stageText += `, step ${step} of ${total}`;
     if (status === "starting") stageText = job.queueText;
     if (job.canceling) stageText = "Canceling…";
     $("clip-stage").textContent = stageText;
+    $("clip-steps").textContent = running && total && !job.canceling ? `, step ${step} of ${total}` : "";
     $("clip-cancel").hidden = TERMINAL.has(status);
     $("clip-cancel").disabled = Boolean(job.canceling);
 
@@ -180,7 +185,14 @@ export class ClipView {
       ? `Seed ${seed} is filled in, so these make this same clip.`
       : "The seed is filled in once the server reports it; without it each run makes a different clip.";
     $("clip-json-url").textContent = pred.urls?.get || "";
-    $("clip-json").textContent = JSON.stringify(pred, null, 2);
+    const json = JSON.stringify(pred, null, 2);
+    if ($("clip-json").textContent !== json) {
+      $("clip-json").textContent = json;
+      // A link that opens without the token: the JSON as fetched, in a tab of its own.
+      if (this.jsonUrl) URL.revokeObjectURL(this.jsonUrl);
+      this.jsonUrl = URL.createObjectURL(new Blob([json], { type: "application/json" }));
+      $("clip-json-link").href = this.jsonUrl;
+    }
   }
 
   tick() {
@@ -245,8 +257,6 @@ export class ClipView {
       $("clip-error").textContent = `Could not cancel: ${err.message}`;
       this.render();
     }
-    // The panel is hidden when it ends: keep the keyboard user's place on something still there.
-    if (this.current === job && document.activeElement === document.body) $("clip-title").focus();
   }
 
   async showOutput(pred) {
