@@ -401,7 +401,10 @@ def test_clip_plays_and_its_api_snippets_make_the_same_clip(
     # The heading's thumbnail is the clip's poster frame, fetched with the token; so is the history's.
     thumb = page.locator("#clip-thumb")
     expect(thumb).to_be_visible()
-    page.wait_for_function("() => document.querySelector('#clip-thumb').naturalWidth > 0")
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#clip-thumb');"
+        " return img.src.startsWith('blob:') && img.complete && img.naturalWidth > 0; }"
+    )
     entry = history_item(page, pred["id"])
     expect(entry.locator(".history-status")).to_have_text("Done")
     expect(entry.locator("img.thumb.poster")).to_be_visible()

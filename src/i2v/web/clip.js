@@ -279,10 +279,8 @@ export class ClipView {
     poster({ ...pred, status: "succeeded" })?.then((src) => {
       if (this.current !== job) return;
       $("clip-video").poster = src;
-      if ($("clip-thumb").hidden) {
-        $("clip-thumb").src = src;
-        $("clip-thumb").hidden = false;
-      }
+      $("clip-thumb").src = src; // the clip's own first frame, in place of the start image's thumbnail
+      $("clip-thumb").hidden = false;
     }, () => {});
     $("clip-meta").textContent = "Loading the clip…";
     let src;
