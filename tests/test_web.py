@@ -643,9 +643,13 @@ def test_errors_show_early_in_plain_words(page: Any, fault_server: str, image_fi
     drop_file(page, "#start_image-drop", fake)
     expect(page.locator("#start_image-error")).to_contain_text("“notes.png” is not a JPEG, PNG or WebP image")
     expect(page.locator("#start_image-preview")).to_be_hidden()
-    page.fill("#prompt", "x" * 2501)
-    expect(page.locator("#prompt-count")).to_have_text("2501 / 2500 characters")
-    expect(page.locator("#prompt-error")).to_contain_text("2501 characters long; at most 2500")
+    page.fill("#prompt", "x" * 2500)
+    page.locator("#prompt").press("End")
+    page.keyboard.type("yz")  # typed past the limit: the message follows each key
+    expect(page.locator("#prompt-count")).to_have_text("2502 / 2500 characters")
+    expect(page.locator("#prompt-error")).to_have_text(
+        "The prompt is 2502 characters long; at most 2500 are allowed. Shorten it by 2."
+    )
     page.fill("#seed", "9223372036854775808")
     expect(page.locator("#seed-error")).to_have_text(
         "The seed must be a whole number from 0 to 9223372036854775807, or left blank for a random one."

@@ -173,7 +173,7 @@ function showApiError(err, fallback = "form") {
 const modeValue = () => form.querySelector("[name=mode]:checked")?.value || "standard";
 const durationValue = () => Number(form.querySelector("[name=duration]:checked")?.value || 5);
 
-function onModeChange() {
+function onModeOrDuration() {
   const pro = modeValue() === "pro";
   $("end_image-set").disabled = !pro;
   $("end_image-hint").textContent = pro ? "The last frame (optional)." : "The last frame. Choose Pro mode to use it.";
@@ -186,7 +186,7 @@ function onModeChange() {
   if (!pro) clearFieldError("end_image");
   onRulesChanged();
 }
-for (const radio of form.querySelectorAll("[name=mode], [name=duration]")) radio.addEventListener("change", onModeChange);
+for (const radio of form.querySelectorAll("[name=mode], [name=duration]")) radio.addEventListener("change", onModeOrDuration);
 $("preset").addEventListener("change", () => showEstimate());
 
 function updateCount(name) {
@@ -201,8 +201,9 @@ function updateCount(name) {
 function checkPromptLive(name) {
   updateCount(name);
   const problem = checkPrompt(name, $(name).value, { required: false });
+  // "Write a prompt" (from a submit) stays until there is some text; any other message is redone.
+  if (problem || name !== "prompt" || $(name).value.trim()) clearFieldError(name);
   if (problem) showFieldError(name, problem);
-  else if (!(name === "prompt" && !$(name).value.trim() && $(name).getAttribute("aria-invalid"))) clearFieldError(name);
 }
 for (const name of ["prompt", "negative_prompt"]) {
   $(name).addEventListener("input", () => checkPromptLive(name));
@@ -210,8 +211,8 @@ for (const name of ["prompt", "negative_prompt"]) {
 }
 $("seed").addEventListener("input", () => {
   const problem = checkSeed($("seed").value);
+  clearFieldError("seed");
   if (problem) showFieldError("seed", problem);
-  else clearFieldError("seed");
 });
 
 function onRulesChanged() {
@@ -279,7 +280,7 @@ function fillForm(input, seed) {
   $("audio").checked = Boolean(input.audio);
   $("preset").value = input.preset || "";
   $("end_image-note").textContent = "";
-  onModeChange();
+  onModeOrDuration();
 }
 
 // ---------- images ----------
@@ -661,7 +662,7 @@ async function started() {
 }
 
 $("token").value = token();
-onModeChange();
+onModeOrDuration();
 checkAccess().then((ok) => (ok ? started() : historyList.refresh()));
 setInterval(() => clip.tick(), 1000);
 loop(() => clip.poll(), POLL_MS);

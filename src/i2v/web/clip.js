@@ -178,13 +178,18 @@ export class ClipView {
 
   renderApi(pred) {
     const seed = seedOf(pred);
-    $("snippet-curl").textContent = curlSnippet(pred, seed);
-    $("snippet-python").textContent = pythonSnippet(pred, seed);
-    $("snippet-js").textContent = jsSnippet(pred, seed);
-    $("snippet-note").textContent = seed
-      ? `Seed ${seed} is filled in, so these make this same clip.`
-      : "The seed is filled in once the server reports it; without it each run makes a different clip.";
-    $("clip-json-url").textContent = pred.urls?.get || "";
+    // Written only when changed, so a selection in a snippet survives the once-a-second refresh.
+    const put = (id, text) => $(id).textContent !== text && ($(id).textContent = text);
+    put("snippet-curl", curlSnippet(pred, seed));
+    put("snippet-python", pythonSnippet(pred, seed));
+    put("snippet-js", jsSnippet(pred, seed));
+    put(
+      "snippet-note",
+      seed
+        ? `Seed ${seed} is filled in, so these make this same clip.`
+        : "The seed is filled in once the server reports it; without it each run makes a different clip.",
+    );
+    put("clip-json-url", pred.urls?.get || "");
     const json = JSON.stringify(pred, null, 2);
     if ($("clip-json").textContent !== json) {
       $("clip-json").textContent = json;
