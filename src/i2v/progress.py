@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,3 +54,54 @@ class Reporter:
     def check_cancel(self) -> None:
         if self._cancel is not None and self._cancel.is_set():
             raise Canceled("the prediction was canceled")
+
+
+# The stages the engine reports, in the order it reports them ("retiming" only for models not at 24 fps).
+STAGES = ("loading inputs", "loading model", "denoising", "decoding", "retiming", "encoding video")
+_STAGE_TIMES = "stage times: "
+
+
+class StageClock:
+    """Seconds spent in each stage, from the progress reports: a stage lasts until the next one begins."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._stage: str | None = None
+        self._since = 0.0
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, progress: Progress) -> None:
+        if progress.stage != self._stage:
+            now = self._clock()
+            self._close(now)
+            self._stage, self._since = progress.stage, now
+
+    def _close(self, now: float) -> None:
+        if self._stage is not None:
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._since
+
+    def finish(self) -> dict[str, float]:
+        """The times so far, the current stage closed now."""
+        self._close(self._clock())
+        self._stage = None
+        return dict(self.seconds)
+
+
+def format_stage_times(seconds: dict[str, float]) -> str:
+    """One log line, e.g. `stage times: loading inputs 0.02 s, denoising 12.40 s, encoding video 1.10 s`."""
+    return _STAGE_TIMES + ", ".join(f"{stage} {value:.2f} s" for stage, value in seconds.items())
+
+
+def parse_stage_times(logs: str) -> dict[str, float] | None:
+    """The stage times a finished prediction's logs end with (format_stage_times), or None."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith(_STAGE_TIMES):
+            times = {}
+            for part in line[len(_STAGE_TIMES) :].split(", "):
+                stage, _, value = part.removesuffix(" s").rpartition(" ")
+                try:
+                    times[stage] = float(value)
+                except ValueError:
+                    return None
+            return times
+    return None

@@ -6,7 +6,6 @@ Routes only translate HTTP to `Service` calls and back; errors leave as Replicat
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import mimetypes
@@ -14,7 +13,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,11 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..request import KlingRequest
-from . import web
+from . import page_api, web
 from .cog_schema import COG_VERSION, openapi_schema, version_id
 from .config import ServerConfig
+from .deps import BaseURL, Owner, ServiceDep, authenticate
 from .files import MAX_FILE_BYTES, FileTooLarge
-from .limits import token_owner
 from .runner import Runner
 from .schemas import (
     APIError,
@@ -51,51 +50,6 @@ log = logging.getLogger(__name__)
 MAX_WAIT = 60
 WAIT_MARGIN = 0.25  # answer a little before the client's read timeout (its wait + 0.5 s)
 _WAIT = re.compile(r"^wait(?:\s*=\s*(\d+))?$")
-
-
-# Typed dependencies: the routes know the service, the caller's owner id and the base URL, nothing more.
-
-
-def current_service(request: Request) -> Service:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[Service, Depends(current_service)]
-
-
-def authenticate(request: Request, service: ServiceDep) -> str:
-    """The owner id of the caller's token, checked in constant time against every configured token (no
-    early exit: the time taken does not tell which token came close), then its request rate.
-
-    The owner is a hash the token's predictions and files are stored under; the token itself is never
-    logged or stored."""
-    config = service.config
-    if config.no_auth:
-        owner = token_owner(None)
-    else:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not token or scheme.lower() not in ("bearer", "token"):
-            raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
-        given = token.strip().encode()
-        matched = False
-        for known in config.tokens:
-            matched |= hmac.compare_digest(given, known.encode())
-        if not matched:
-            raise APIError(401, "Unauthenticated", "Invalid token")
-        owner = token_owner(given.decode())
-    service.check_request_rate(owner)
-    return owner
-
-
-Owner = Annotated[str, Depends(authenticate)]
-
-
-def request_base(request: Request, service: ServiceDep) -> str:
-    """The public URL when one is configured, else the origin the request came to."""
-    return service.base_url(str(request.base_url))
-
-
-BaseURL = Annotated[str, Depends(request_base)]
 
 
 def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
@@ -312,6 +266,7 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
         return {"key": service.webhook_secret()}
 
     app.include_router(api)
+    app.include_router(page_api.router, prefix="/v1", dependencies=[authenticated])  # poster, estimate
     app.include_router(web.router)  # the page at /, open: it asks the API for a token itself
     return app
 

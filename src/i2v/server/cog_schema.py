@@ -13,13 +13,23 @@ import json
 from functools import cache
 from typing import Any
 
-from ..request import KlingRequest
+from ..images import FORMATS, MAX_ASPECT, MAX_BYTES, MIN_SIDE
+from ..request import FPS, SHORT_SIDE, KlingRequest
 from .states import STATUSES, WEBHOOK_EVENTS
 
 COG_VERSION = (
     "0.23.1"  # the Cog release whose schema conventions this follows (and predict.py is tested with)
 )
 OUTPUT = {"type": "string", "title": "Output", "format": "uri"}
+# i2v's extensions (`x-i2v-*`, ignored by clients that do not know them): the rules the server checks
+# beyond the JSON types, so a page or client can check an image and show the output size before uploading.
+IMAGE_RULES = {
+    "formats": sorted(f"image/{name.lower()}" for name in FORMATS),
+    "max_bytes": MAX_BYTES,
+    "min_side": MIN_SIDE,
+    "max_aspect": MAX_ASPECT,
+}
+OUTPUT_RULES = {"short_side": SHORT_SIDE, "fps": FPS}
 
 
 def _cog_property(name: str, prop: dict[str, Any], enums: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +61,9 @@ def input_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     source = KlingRequest.model_json_schema()
     enums: dict[str, Any] = {}
     properties = {name: _cog_property(name, prop, enums) for name, prop in source["properties"].items()}
+    for name in ("start_image", "end_image"):
+        properties[name]["x-i2v-image"] = IMAGE_RULES
+    properties["mode"]["x-i2v-output"] = OUTPUT_RULES
     schema = {
         "type": "object",
         "title": "Input",

@@ -27,7 +27,7 @@ from .intake import Intake
 from .limits import RateLimiter
 from .runner import Runner
 from .schemas import APIError, CreatePrediction, not_found
-from .states import QUEUED
+from .states import QUEUED, SUCCEEDED
 from .store import FileRow, PredictionRow, Store, utcnow
 from .webhooks import WebhookSender, load_secret
 
@@ -224,6 +224,11 @@ class Service:
         if not row.output or row.data_removed or not path.is_file():
             raise not_found(f"output of prediction {prediction_id}")
         return path
+
+    def recent_succeeded(self, limit: int) -> list[PredictionRow]:
+        """The newest succeeded predictions of every owner, for the page's time estimates (timings only
+        leave the service through page_api, never inputs or outputs)."""
+        return self.store.recent(SUCCEEDED, limit)
 
     def predictions(self, cursor: str | None, owner: str) -> Page[PredictionRow]:
         return self._page(PredictionRow, cursor, owner)

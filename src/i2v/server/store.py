@@ -232,6 +232,12 @@ class Store:
         with self.session() as s:
             return s.scalar(query) > 0
 
+    def recent(self, status: Status, limit: int) -> list[PredictionRow]:
+        """The newest `limit` predictions with that status, every owner's (for time estimates)."""
+        query = select(PredictionRow).where(PredictionRow.status == status)
+        with self.session() as s:
+            return list(s.scalars(query.order_by(PredictionRow.seq.desc()).limit(limit)))
+
     def counts_by_status(self) -> dict[Status, int]:
         with self.session() as s:
             rows = s.execute(select(PredictionRow.status, func.count()).group_by(PredictionRow.status)).all()

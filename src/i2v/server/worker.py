@@ -301,7 +301,7 @@ def _run_job(
     job: Job, engine: Engine | None, setup_error: str | None, cancel: threading.Event, send: Send
 ) -> None:
     from .. import errors
-    from ..progress import Progress
+    from ..progress import Progress, StageClock, format_stage_times
 
     send(Started(job.id))
     clock = time.perf_counter()
@@ -311,12 +311,16 @@ def _run_job(
         if engine is None:
             raise errors.I2VError(setup_error or "the model is not set up")
 
+        stages = StageClock()  # the server's time estimates for similar clips come from these lines
+
         def on_progress(progress: Progress) -> None:
+            stages(progress)
             send(Log(job.id, progress_line(progress.stage, progress.step, progress.total)))
 
         result = engine.generate(
             job.request, job.output, on_progress=on_progress, cancel=cancel, images=job.images
         )
+        send(Log(job.id, format_stage_times(stages.finish())))
     except errors.Canceled:
         send(Canceled(job.id))
     except errors.InputError as exc:
