@@ -5,8 +5,9 @@ stock pipeline's within bf16 noise:
 
 - the fastest attention kernel installed: FlashAttention 3, then FlashAttention 2, then cuDNN's fused
   attention, then PyTorch's own (diffusers' `set_attention_backend`, checked before it is chosen);
-- regional `torch.compile` of the transformer's repeated block (`compile_repeated_blocks`): one block is
-  compiled and reused by all of them, so compiling costs seconds, not minutes;
+- regional `torch.compile` of the transformer's repeated block (`i2v.compiled_blocks`): one block is
+  compiled and reused by all of them, so compiling costs seconds, not minutes, with dynamic shapes so
+  that every aspect ratio and duration runs the same graph;
 - CFG's conditional and unconditional passes in one batched forward (`i2v.batched_cfg`), where the stock
   pipeline runs them one after the other.
 
@@ -14,10 +15,12 @@ Presets trade something for speed or memory, and say what:
 
 - `fast`: step caching (diffusers' FirstBlockCache: a step whose first block barely changed reuses the
   rest of the last step's residual) per request; with the server's preset set to `fast`, the transformer
-  also stores its weights in fp8 (computing in bf16). Lossy: see docs/benchmarks.md.
+  blocks' matrix multiplies also run in fp8 (`i2v.fp8`) on GPUs with fp8 tensor cores (elsewhere a
+  logged fallback). Lossy: see docs/benchmarks.md.
 - `turbo`: a distilled few-step model for the mode (configured per mode, see `i2v.settings`).
-- `low-vram`: the machine's preset, never a request's: group offload (blocks stream from CPU memory to
-  the GPU as they run) and a tiled VAE decode, so standard mode fits a 24 GB GPU. Slower.
+- `low-vram`: the machine's preset, never a request's: transformer weights stored in fp8 (computed in
+  bf16), group offload (blocks stream from CPU memory to the GPU as they run) and a tiled VAE decode, so
+  standard mode fits a 24 GB GPU. Slower, and lossy (fp8 weight rounding).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from . import compiled_blocks
+from .fp8 import quantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +120,19 @@ def place(
 ) -> str:
     """Move a loaded pipeline onto `device` and apply the load-time speed settings; returns a summary.
 
-    `fp8_modules` names the pipeline's transformers whose weights the `fast` preset stores in fp8;
+    `fp8_modules` names the pipeline's transformers that go to fp8: fp8 matrix multiplies in `fast`
+    (`i2v.fp8`, where the GPU has fp8 tensor cores), fp8 weight storage in `low-vram`;
     `compile_blocks` is False where the model switches LoRA adapters between calls (a recompile each time);
     `context_parallel` > 1 splits each transformer's sequence across that many ranks (`i2v.parallel`).
     """
     done = []
-    for name in fp8_modules if speed.fp8 else ():
-        # Each layer's weights are upcast to the compute dtype as it runs; norms and embeddings stay as
-        # they are (each model lists them in _skip_layerwise_casting_patterns).
-        model = getattr(pipe, name)
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
-        done.append(f"fp8 {name}")
     if speed.low_vram:
+        for name in fp8_modules:
+            # Memory, not speed: weights stored in fp8 and upcast to the compute dtype layer by layer as
+            # they run (slower); norms and embeddings stay as they are (_skip_layerwise_casting_patterns).
+            model = getattr(pipe, name)
+            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
+            done.append(f"fp8 storage {name}")
         # Each transformer block (and text-encoder layer) moves to the GPU as it runs; with streams the
         # next block's copy overlaps the current one's compute.
         stream = device.type == "cuda"
@@ -136,6 +143,10 @@ def place(
         done.append("group offload, tiled VAE")
     else:
         pipe.to(device)
+    for name in fp8_modules if speed.fp8 else ():
+        # fp8 matrix multiplies where the GPU has fp8 tensor cores; elsewhere a logged fallback.
+        if quantize_fp8(getattr(pipe, name), device, name):
+            done.append(f"fp8 compute {name}")
     transformers = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m]
     attention = choose_attention(speed.attention, device, context_parallel > 1)
     if attention != "native":
@@ -151,7 +162,7 @@ def place(
     if compile_blocks and speed.on(speed.compile, device) and not speed.low_vram:  # offload hooks do not mix
         for model in transformers:
             # The context-parallel hook on the first block breaks its graph; the other blocks stay whole.
-            model.compile_repeated_blocks(fullgraph=context_parallel == 1)
+            compiled_blocks.compile_blocks(model, fullgraph=context_parallel == 1)
         done.append("compiled blocks")
     return ", ".join(done)
 
