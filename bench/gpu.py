@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from bench import fullsize
-from bench.report import machine, write_report
+from bench.report import machine, show_logs, write_report
 from i2v.backends import BACKENDS
 from i2v.backends.base import Backend, BackendSpec, ModelInputs
 from i2v.geometry import fit_image
@@ -206,6 +206,7 @@ def run(
     out: Path,
     x264_preset: str = "medium",
     speed: Speed | None = None,
+    frames: int | None = None,
 ) -> dict[str, Any]:
     cls = BACKENDS[model]
     output = OUTPUT_SIZE[model]
@@ -220,7 +221,7 @@ def run(
         example = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
         inputs = ModelInputs(
             prompt=PROMPT, negative_prompt=NEGATIVE, image=fit_image(Image.open(example).convert("RGB"), (width, height)),
-            end_image=None, width=width, height=height, num_frames=spec.frames_for(5), seed=SEED, steps=steps,
+            end_image=None, width=width, height=height, num_frames=frames or spec.frames_for(5), seed=SEED, steps=steps,
         )  # fmt: skip
         with torch.inference_mode():
             stock, stock_frames = run_stock(pipe, spec, inputs, device)
@@ -283,6 +284,7 @@ def main() -> None:
         "--steps", type=int, default=3, help="denoising steps timed (at least 2; step 1 is warm-up)"
     )
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--frames", type=int, default=None, help="frames (4k+1); default: 5 s, 121")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     # `medium` is the product's default; CI passes `ultrafast` to stay quick (the encode is not the point there).
     parser.add_argument("--x264-preset", default="medium")
@@ -292,6 +294,7 @@ def main() -> None:
         help="our side's settings, e.g. compile=false,batched_cfg=false (default: all on)",
     )
     args = parser.parse_args()
+    show_logs()
     if args.steps < 2:
         parser.error("--steps must be at least 2: step 1 cannot be told apart from what precedes it")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -301,7 +304,16 @@ def main() -> None:
             "bench.gpu: --size full builds ~11B parameters and needs a CUDA device; use --size tiny on CPU"
         )
     speed = parse_speed(args.speed)
-    run(args.model, args.size, args.steps, torch.device(args.device), args.out, args.x264_preset, speed)
+    run(
+        args.model,
+        args.size,
+        args.steps,
+        torch.device(args.device),
+        args.out,
+        args.x264_preset,
+        speed,
+        args.frames,
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,11 @@ from i2v.compiled_blocks import compile_blocks
 from i2v.speed import Speed
 
 # compile_blocks keyword arguments; "product" passes none, so it measures what `place()` compiles.
-STRATEGIES: dict[str, dict[str, Any]] = {"static": {"dynamic": False}, "auto": {"dynamic": None}, "product": {}}
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "static": {"dynamic": False},
+    "auto": {"dynamic": None},
+    "product": {},
+}
 # Kling users' usual aspect ratios (width / height) and the two durations.
 ASPECTS = (16 / 9, 9 / 16, 1.0, 4 / 3, 3 / 4, 21 / 9, 3 / 2, 2 / 3)
 DURATIONS = (5, 10)
@@ -151,9 +155,13 @@ def run(strategies: list[str], steps: int, out: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--strategies", default="static,auto,product")
-    parser.add_argument("--steps", type=int, default=1, help="denoising steps per request (shapes, not steps, matter)")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="denoising steps per request (shapes, not steps, matter)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
