@@ -49,7 +49,7 @@ PARTS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "fast": (["bench.presets", "--preset", "fast"], ("steps", "frames")),
     "turbo": (["bench.presets", "--preset", "turbo"], ("frames", "x264")),
     "low-vram": (["bench.presets", "--preset", "low-vram"], ("steps", "frames")),
-    "warmup": (["bench.warmup"], ()),
+    "warmup": (["bench.warmup"], ("frames",)),
 }
 
 

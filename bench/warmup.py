@@ -39,7 +39,9 @@ NEW_SHAPE = (1.0, 5)
 LONG_SHAPE = (16 / 9, 10)
 
 
-def run(size: str, steps: int, device: torch.device, out: Path, with_10s: bool = False) -> dict[str, Any]:
+def run(
+    size: str, steps: int, device: torch.device, out: Path, with_10s: bool = False, frames: int | None = None
+) -> dict[str, Any]:
     def timed(call: Callable[[], Any]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -73,7 +75,7 @@ def run(size: str, steps: int, device: torch.device, out: Path, with_10s: bool =
             width, height = backend.model_size(output_for(aspect))
             inputs = ModelInputs(
                 prompt="a new shape", negative_prompt="", image=Image.new("RGB", (width, height), (90, 120, 150)),
-                end_image=None, width=width, height=height, num_frames=spec.frames_for(duration), seed=1, steps=steps,
+                end_image=None, width=width, height=height, num_frames=frames or spec.frames_for(duration), seed=1, steps=steps,
             )  # fmt: skip
             label = f"{width}x{height}x{inputs.num_frames}"
 
@@ -97,13 +99,14 @@ def main() -> None:
     parser.add_argument("--size", default="full", choices=("full", "tiny"))
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--steps", type=int, default=2, help="denoising steps of each new-shape request")
+    parser.add_argument("--frames", type=int, default=None, help="frames of the new-shape requests (4k+1)")
     parser.add_argument("--with-10s", action="store_true", help="also a 16:9 10 s request (241 frames)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     show_logs()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.warmup: no CUDA device here; run `--size tiny --device cpu` for the CPU rehearsal")
-    run(args.size, args.steps, torch.device(args.device), args.out, args.with_10s)
+    run(args.size, args.steps, torch.device(args.device), args.out, args.with_10s, args.frames)
 
 
 if __name__ == "__main__":
