@@ -243,10 +243,11 @@ def ltx2_pipeline(
         upsampler = LTX2LatentUpsamplerModel.from_config(configs["latent_upsampler"])
     parts = {name: materialise(model, device, dtype) for name, model in parts.items()}
     upsampler = materialise(upsampler, device, dtype)
-    parts["transformer"].add_adapter(
-        LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LTX2_LORA_TARGETS),
-        adapter_name=STAGE2_ADAPTER,
-    )
+    with torch.device(device):  # the adapter's layers are made (and initialised) where they will run
+        parts["transformer"].add_adapter(
+            LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LTX2_LORA_TARGETS),
+            adapter_name=STAGE2_ADAPTER,
+        )
     parts["transformer"].to(device=device, dtype=dtype)  # the adapter's weights too
     # The real tokenizer cannot be downloaded; the pipeline pads every prompt to 1024 tokens, so the text
     # encoder's work is the real one whatever the words map to.
