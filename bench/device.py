@@ -7,12 +7,13 @@
 against bench/gpu-machine.txt and bench/carry.txt, the GPU, whether fp8 compute is there), then each
 part in its own process (its memory is freed after it, and a crash ends only that part):
 
-    standard   bench.gpu       TI2V-5B 720p 5 s: stock pipeline against our default path
+    standard   bench.gpu       TI2V-5B 720p 5 s: stock pipeline against our default path; then on the
+                               warm path a request at a new aspect ratio (the warm-up question)
     pro        bench.pro       LTX-2 1080p 5 s: stage 1, upsample, refine, decode, stock against ours
     fast       bench.presets   fp8 compute with the compiled blocks
     turbo      bench.presets   FastWan 3 steps, end to end
     low-vram   bench.presets   fp8 storage + group offload: peak memory (< 22 GB)
-    warmup     bench.warmup    compile time; first request at a new aspect ratio after warm-up
+    warmup     bench.warmup    the worker's own warm_up(): its time, compile time, then a new shape
 
 After each part DIR holds `device.json` (every part so far: its figures or why it has none),
 `device.md` (the same as tables) and `device.log` (all output): three files, whatever is cut short.
@@ -44,7 +45,7 @@ MIN_PART_S = 60.0  # a part with less left than this would only be killed half-w
 MARGIN_S = 10.0  # kept back to write the files after the last part
 # name -> (module and its own arguments, which common flags it takes)
 PARTS: dict[str, tuple[list[str], tuple[str, ...]]] = {
-    "standard": (["bench.gpu", "--model", "wan2.2-ti2v-5b"], ("steps", "frames", "x264")),
+    "standard": (["bench.gpu", "--model", "wan2.2-ti2v-5b", "--new-shape"], ("steps", "frames", "x264")),
     "pro": (["bench.pro"], ("steps", "frames")),
     "fast": (["bench.presets", "--preset", "fast"], ("steps", "frames")),
     "turbo": (["bench.presets", "--preset", "turbo"], ("frames", "x264")),

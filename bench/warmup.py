@@ -30,7 +30,7 @@ from torch._dynamo.utils import counters
 from bench import fullsize
 from bench.recompiles import output_for
 from bench.report import machine, show_logs, write_report
-from i2v.backends.base import ModelInputs
+from i2v.backends.base import Backend, ModelInputs
 from i2v.backends.wan_ti2v import WanTI2V
 from i2v.speed import Speed
 
@@ -39,18 +39,51 @@ NEW_SHAPE = (1.0, 5)
 LONG_SHAPE = (16 / 9, 10)
 
 
+def timed(call: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def new_shape_requests(
+    backend: Backend,
+    device: torch.device,
+    steps: int,
+    frames: int | None,
+    shapes: tuple[tuple[float, int], ...],
+) -> dict[str, Any]:
+    """For each (aspect, duration): the first request at that shape on a warm backend, then the same again;
+    their difference is what the first user of the shape pays (a recompile, or nothing)."""
+    figures: dict[str, Any] = {}
+    for aspect, duration in shapes:
+        width, height = backend.model_size(output_for(aspect))
+        inputs = ModelInputs(
+            prompt="a new shape", negative_prompt="", image=Image.new("RGB", (width, height), (90, 120, 150)),
+            end_image=None, width=width, height=height, num_frames=frames or backend.spec.frames_for(duration),
+            seed=1, steps=steps,
+        )  # fmt: skip
+        label = f"{width}x{height}x{inputs.num_frames}"
+
+        def call(inputs: ModelInputs = inputs) -> None:
+            with torch.inference_mode():
+                backend.generate(inputs, lambda step, total: None)
+
+        graphs = counters["stats"]["unique_graphs"]
+        first, again = timed(call, device), timed(call, device)
+        figures[f"new_shape_{label}_first_s"] = first
+        figures[f"new_shape_{label}_again_s"] = again
+        figures[f"new_shape_{label}_extra_s"] = first - again
+        figures[f"new_shape_{label}_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
+    return figures
+
+
 def run(
     size: str, steps: int, device: torch.device, out: Path, with_10s: bool = False, frames: int | None = None
 ) -> dict[str, Any]:
-    def timed(call: Callable[[], Any]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "tiny"
         if size == "full":
@@ -67,27 +100,12 @@ def run(
             "size": size,
             "placement": backend.placement,
         }
-        report["warm_up_s"] = timed(backend.warm_up)
+        report["warm_up_s"] = timed(backend.warm_up, device)
         report["graphs_after_warm_up"] = counters["stats"]["unique_graphs"]
-        report["warm_up_again_s"] = timed(backend.warm_up)
+        report["warm_up_again_s"] = timed(backend.warm_up, device)
         report["compile_s"] = report["warm_up_s"] - report["warm_up_again_s"]
-        for aspect, duration in (NEW_SHAPE, LONG_SHAPE) if with_10s else (NEW_SHAPE,):
-            width, height = backend.model_size(output_for(aspect))
-            inputs = ModelInputs(
-                prompt="a new shape", negative_prompt="", image=Image.new("RGB", (width, height), (90, 120, 150)),
-                end_image=None, width=width, height=height, num_frames=frames or spec.frames_for(duration), seed=1, steps=steps,
-            )  # fmt: skip
-            label = f"{width}x{height}x{inputs.num_frames}"
-
-            def call(inputs: ModelInputs = inputs) -> None:
-                with torch.inference_mode():
-                    backend.generate(inputs, lambda step, total: None)
-
-            first, again = timed(call), timed(call)
-            report[f"first_request_{label}_s"] = first
-            report[f"again_{label}_s"] = again
-            report[f"first_request_extra_{label}_s"] = first - again
-            report[f"graphs_after_{label}"] = counters["stats"]["unique_graphs"]
+        shapes = (NEW_SHAPE, LONG_SHAPE) if with_10s else (NEW_SHAPE,)
+        report |= new_shape_requests(backend, device, steps, frames, shapes)
     write_report(report, out, f"warmup-{size}")
     return report
 

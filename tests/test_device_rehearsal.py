@@ -116,6 +116,7 @@ def test_the_gpu_run_passes_on_cpu_with_only_the_machines_packages_and_the_carri
     assert all(part["status"] == "ok" for part in parts.values()), {n: p["status"] for n, p in parts.items()}
     assert parts["env"]["carried_differs"] == {}  # the carried versions are the listed ones
     assert parts["standard"]["ours_s_per_step"] > 0 and parts["pro"]["ours_refine_s_per_step"] > 0
+    assert any(key.startswith("ours_new_shape_") for key in parts["standard"])
     assert parts["turbo"]["end_to_end_s"] > 0 and parts["warmup"]["warm_up_s"] > 0
     assert "fast: no fp8 compute" in (out / "device.log").read_text()  # the CPU's logged fallback
     assert "## pro" in (out / "device.md").read_text()
