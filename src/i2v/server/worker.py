@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -294,7 +295,8 @@ def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.E
         def on_progress(progress: Progress) -> None:
             send("log", job.id, progress_line(progress.stage, progress.step, progress.total))
 
-        result = engine.generate(request, job.output, on_progress=on_progress, cancel=cancel)
+        with engine_log_to(job.id, send):
+            result = engine.generate(request, job.output, on_progress=on_progress, cancel=cancel)
     except Cancelled:
         send("canceled", job.id)
     except InputError as exc:
@@ -321,6 +323,33 @@ def _run_job(job: Job, engine: Any, setup_error: str | None, cancel: threading.E
             "fps": result.fps,
         }
         send("succeeded", job.id, time.perf_counter() - clock, info)
+
+
+class _PredictionLog(logging.Handler):
+    """Copies the engine's log records (which model runs, which negative prompt, what was written) into
+    the prediction's logs, where a client reads them; they also go to the worker's own log as before."""
+
+    def __init__(self, prediction_id: str, send: Any) -> None:
+        super().__init__(logging.INFO)
+        self._id, self._send = prediction_id, send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send("log", self._id, record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def engine_log_to(prediction_id: str, send: Any) -> Iterator[None]:
+    """While one prediction runs, the engine's log lines are that prediction's too (one job at a time)."""
+    engine_log = logging.getLogger("i2v.engine")
+    handler = _PredictionLog(prediction_id, send)
+    engine_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        engine_log.removeHandler(handler)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
