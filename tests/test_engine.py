@@ -96,7 +96,9 @@ def test_frames_equal_the_stock_diffusers_pipeline(engine: Engine, image_file) -
     inputs, spec = rendered.inputs, rendered.backend.spec
     # Wan's own UniPC schedule is the one thing we swap in (test_parity.py checks it against Wan's code).
     ours = rendered.backend.pipe.scheduler
-    stock = WanImageToVideoPipeline.from_pretrained(spec.source, scheduler=type(ours).from_config(ours.config))
+    stock = WanImageToVideoPipeline.from_pretrained(
+        spec.source, scheduler=type(ours).from_config(ours.config)
+    )
     stock.set_progress_bar_config(disable=True)
     expected = stock(
         image=inputs.image,
