@@ -68,6 +68,17 @@ class WanFlowUniPCScheduler(UniPCMultistepScheduler):
         super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
 
 
+def wan_scheduler(config: Any, shift: float) -> WanFlowUniPCScheduler:
+    """Wan's sampler for a pipeline's scheduler config: UniPC on Wan's flow schedule at `shift`."""
+    return WanFlowUniPCScheduler.from_config(
+        config,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        final_sigmas_type="zero",  # Wan's: the last step lands on sigma 0
+    )
+
+
 def check_text_encoder_tied(text_encoder: Any) -> None:
     """UMT5 embeds tokens with `shared`; an untied `encoder.embed_tokens` holds no trained weights at all.
 
@@ -119,13 +130,7 @@ class WanTI2V(Backend):
 
     def prepare(self, pipe: WanImageToVideoPipeline) -> None:
         check_text_encoder_tied(pipe.text_encoder)
-        pipe.scheduler = WanFlowUniPCScheduler.from_config(
-            pipe.scheduler.config,
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=self.spec.shift or 1.0,
-            final_sigmas_type="zero",  # Wan's: the last step lands on sigma 0
-        )
+        pipe.scheduler = wan_scheduler(pipe.scheduler.config, self.spec.shift or 1.0)
         super().prepare(pipe)  # device and speed-ups
         if self.spec.guidance > 1.0 and self.speed.on(self.speed.batched_cfg, self.device):
             self.batched_cfg = BatchedCFG.attach(pipe.transformer)
