@@ -196,6 +196,7 @@ def test_run_with_a_file_object(server, tmp_path):
         and prediction.metrics["total_time"] >= prediction.metrics["predict_time"]
     )
     assert "seed: 3" in prediction.logs and prediction.progress.current == prediction.progress.total
+    assert "negative prompt: the model's default" in prediction.logs  # the engine's log, per prediction
 
 
 def test_run_with_a_url_outlasting_the_wait_window(server, http_dir, tmp_path):

@@ -181,12 +181,25 @@ class Engine:
             raise InputError(
                 "end_image", f"model {spec.name} cannot take an end frame; configure a keyframe model"
             )
+        if end is None and spec.needs_end_frame:
+            raise InputError(
+                "end_image",
+                f"model {spec.name} needs an end frame (it was trained on a first and a last frame); "
+                f"send end_image, or configure a start-image model for mode {request.mode}",
+            )
         timings["load"] = time.perf_counter() - clock
 
+        negative, negative_source = spec.negative_prompt_for(request.negative_prompt)
+        # One line of what runs, per request: the worker copies the engine's log into the prediction's.
+        log.info(
+            "running %s on %s (%s); negative prompt: %s",
+            spec.name, self.device, backend.placement, negative_source,
+        )  # fmt: skip
         width, height = backend.model_size(size)
         inputs = ModelInputs(
             prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
+            negative_prompt=negative,
+            negative_source=negative_source,
             image=fit_image(start, (width, height)),
             end_image=fit_image(end, (width, height)) if end is not None else None,
             width=width,
@@ -264,7 +277,8 @@ class Engine:
             "title": request.prompt,
             "comment": {
                 "prompt": request.prompt,
-                "negative_prompt": request.negative_prompt,
+                "negative_prompt": inputs.negative_prompt,  # what the model was sampled with
+                "negative_prompt_source": inputs.negative_source,
                 "seed": inputs.seed,
                 "model": spec.name,
                 "mode": request.mode,
@@ -289,7 +303,7 @@ class Engine:
                 f"could not write the video ({reason}): the disk may be full or the output folder not writable"
             ) from exc
         timings["encode"] = time.perf_counter() - clock
-        log.info("wrote %s (%s, seed %d) in %s", path, spec.name, inputs.seed, timings)
+        log.info("wrote %s (%s, seed %d) in %s", path.name, spec.name, inputs.seed, timings)
         return Result(
             path=path,
             seed=inputs.seed,

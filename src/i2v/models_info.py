@@ -30,7 +30,13 @@ def describe_models(settings: Settings | None = None) -> list[str]:
             if (tiny_folder(cls, settings.tiny_dir) / "model_index.json").is_file()
             else "built on first use"
         )
-        end = "takes end frame" if spec.takes_end_frame else "no end frame"
+        end = (
+            "needs end frame"
+            if spec.needs_end_frame
+            else "takes end frame"
+            if spec.takes_end_frame
+            else "no end frame"
+        )
         lines.append(
             f"{name:<22} {spec.source:<40} {present:<22} {role}; modes {','.join(spec.modes)}; "
             f"{spec.fps} fps; {end}; {spec.steps} steps, guidance {spec.guidance}, shift {spec.shift}; "

@@ -41,6 +41,22 @@ class BackendSpec:
     guidance: float
     shift: float | None
     modes: tuple[str, ...]  # the Kling modes it is made for (others work, with a logged warning)
+    # What the model's own code samples with when the negative prompt is empty (its CLI's or config's).
+    default_negative_prompt: str = ""
+    needs_end_frame: bool = False  # trained on a first and a last frame: a start image alone is refused
+
+    def negative_prompt_for(self, given: str) -> tuple[str, str]:
+        """The negative prompt to sample with for a request's `negative_prompt`, and where it came from.
+
+        Empty means the model's default, as in the references; a non-empty one is used as given.
+        """
+        if self.guidance <= 1.0:
+            return given, "unused (the model samples without guidance)"
+        if given:
+            return given, "as given"
+        if self.default_negative_prompt:
+            return self.default_negative_prompt, "the model's default"
+        return "", "none"
 
     def frames_for(self, duration: int) -> int:
         """Frames to generate at the native fps for `duration` seconds, on the model's frame rule."""
@@ -53,7 +69,7 @@ class ModelInputs:
     """One generation, in the model's own terms: images already fitted to width x height."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str  # what the model is sampled with: the request's, or the model's default
     image: Image.Image
     end_image: Image.Image | None
     width: int
@@ -63,6 +79,7 @@ class ModelInputs:
     audio: bool = False
     step_cache: bool = False  # the `fast` preset: cache steps where the model's blocks allow it
     steps: int | None = None  # denoising steps (the first stage's, for two-stage models); None: the model's
+    negative_source: str = "as given"  # where `negative_prompt` came from (BackendSpec.negative_prompt_for)
 
     def generator(self) -> torch.Generator:
         # A CPU generator gives the same noise on every device, so a seed means the same clip anywhere.
@@ -139,9 +156,11 @@ class Backend(ABC):
         rather than in the first user's request. A 10 s clip's shape compiles on its first request."""
         width, height = self.model_size((1280, 720))
         image = Image.new("RGB", (width, height), (128, 128, 128))
+        negative, source = self.spec.negative_prompt_for("")
+        end = image if self.spec.needs_end_frame else None
         inputs = ModelInputs(
-            prompt="warm-up", negative_prompt="", image=image, end_image=None, width=width, height=height,
-            model_frames=self.spec.frames_for(5), seed=0, steps=2,
+            prompt="warm-up", negative_prompt=negative, image=image, end_image=end, width=width,
+            height=height, model_frames=self.spec.frames_for(5), seed=0, steps=2, negative_source=source,
         )  # fmt: skip
         with torch.inference_mode():
             self.generate(inputs, lambda step, total: None)

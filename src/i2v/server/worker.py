@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -317,9 +317,10 @@ def _run_job(
             stages(progress)
             send(Log(job.id, progress_line(progress.stage, progress.step, progress.total)))
 
-        result = engine.generate(
-            job.request, job.output, on_progress=on_progress, cancel=cancel, images=job.images
-        )
+        with engine_log_to(job.id, send):
+            result = engine.generate(
+                job.request, job.output, on_progress=on_progress, cancel=cancel, images=job.images
+            )
         send(Log(job.id, format_stage_times(stages.finish())))
     except errors.Canceled:
         send(Canceled(job.id))
@@ -345,6 +346,33 @@ def _run_job(
             fps=result.fps,
         )
         send(Succeeded(job.id, time.perf_counter() - clock, info))
+
+
+class _PredictionLog(logging.Handler):
+    """Copies the engine's log records (which model runs, which negative prompt, what was written) into
+    the prediction's logs, where a client reads them; they also go to the worker's own log as before."""
+
+    def __init__(self, prediction_id: str, send: Send) -> None:
+        super().__init__(logging.INFO)
+        self._id, self._send = prediction_id, send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send(Log(self._id, record.getMessage()))
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def engine_log_to(prediction_id: str, send: Send) -> Iterator[None]:
+    """While one prediction runs, the engine's log lines are that prediction's too (one job at a time)."""
+    engine_log = logging.getLogger("i2v.engine")
+    handler = _PredictionLog(prediction_id, send)
+    engine_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        engine_log.removeHandler(handler)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
