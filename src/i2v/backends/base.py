@@ -41,6 +41,10 @@ class BackendSpec:
     guidance: float
     shift: float | None
     modes: tuple[str, ...]  # the Kling modes it is made for (others work, with a logged warning)
+    # The repository files `load()` reads, as glob patterns (`i2v pull`, and the pull before a load):
+    # one weight format, no root-level single-file checkpoint the diffusers layout does not use.
+    # "*" (every file) for a backend that declares nothing.
+    files: tuple[str, ...] = ("*",)
 
     def frames_for(self, duration: int) -> int:
         """Frames to generate at the native fps for `duration` seconds, on the model's frame rule."""
@@ -76,6 +80,13 @@ class Clip:
     frames: np.ndarray
     fps: int
     audio: tuple[np.ndarray, int] | None = None
+
+
+def model_files(folder: str, weights: str = "diffusion_pytorch_model") -> tuple[str, ...]:
+    """What `from_pretrained(source, subfolder=folder)` reads: the folder's JSON (config, shard index) and
+    its safetensors, in one file or in shards (`-00001-of-00003`); not `.bin` copies, not variants
+    (`.fp16.safetensors`). `weights` is "model" for a transformers model (text or image encoder)."""
+    return (f"{folder}/*.json", f"{folder}/{weights}.safetensors", f"{folder}/{weights}-*-of-*.safetensors")
 
 
 def device_dtype(device: torch.device) -> torch.dtype:

@@ -43,7 +43,7 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaToke
 from ..geometry import Grid
 from ..placement import place
 from ..speed import Speed
-from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype, model_files
 
 UPSAMPLER_FOLDER = "latent_upsampler"
 # Lightricks' LoRA that turns the base model into the distilled one for the refine stage.
@@ -51,6 +51,14 @@ DISTILLED_LORA = "ltx-2-19b-distilled-lora-384.safetensors"
 STAGE2_ADAPTER = "stage_2_distilled"
 # LTX-2.0 applies spatio-temporal guidance at block 29 (diffusers' default, 28, is LTX-2.3's).
 STG_BLOCK = 29
+# The diffusers pipeline's parts and the latent upsampler, as `load()` reads them; not the repo's root-level
+# single-file checkpoints (ltx-2-19b-dev.safetensors, the fp8 copies, the upscalers), which that layout
+# does not use.
+PIPELINE_FILES = (
+    "model_index.json", "scheduler/*", "tokenizer/*", *model_files("text_encoder", "model"),
+    *model_files("transformer"), *model_files("connectors"), *model_files("vae"), *model_files("audio_vae"),
+    *model_files("vocoder"), *model_files(UPSAMPLER_FOLDER),
+)  # fmt: skip
 
 
 class LTX2KeyframePipeline(LTX2ConditionPipeline):
@@ -105,6 +113,7 @@ class LTX2(Backend):
         guidance=4.0,
         shift=None,  # the scheduler's dynamic shift from the token count, as the model was trained
         modes=("pro",),
+        files=(*PIPELINE_FILES, DISTILLED_LORA),  # the base model refines with the distilled LoRA
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=32)
     distilled: ClassVar[bool] = False
@@ -326,8 +335,9 @@ _NO_GUIDANCE: dict[str, Any] = {
 
 class LTX2Distilled(LTX2):
     spec = dataclasses.replace(
-        LTX2.spec, name="ltx-2-distilled", source="rootonchair/LTX-2-19b-distilled", steps=8, guidance=1.0
-    )
+        LTX2.spec, name="ltx-2-distilled", source="rootonchair/LTX-2-19b-distilled", steps=8, guidance=1.0,
+        files=PIPELINE_FILES,  # no LoRA: the checkpoint is distilled already
+    )  # fmt: skip
     tiny_steps = 8  # the distilled schedule is a fixed list of 8 sigmas
     distilled = True
 

@@ -21,7 +21,7 @@ from diffusers import (
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..geometry import Grid
-from .base import BackendSpec, device_dtype
+from .base import BackendSpec, device_dtype, model_files
 from .tiny_parts import tiny_umt5
 from .wan_ti2v import WanTI2V
 
@@ -51,6 +51,8 @@ class WanFLF2V(WanTI2V):
         guidance=5.5,
         shift=16.0,  # FLF2V's sampling shift from the Wan2.1 repository
         modes=("standard", "pro"),
+        # What load() reads: TI2V's parts plus the CLIP image encoder and its processor.
+        files=(*WanTI2V.spec.files, *model_files("image_encoder", "model"), "image_processor/*"),
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=16)
 

@@ -25,7 +25,7 @@ from ..batched_cfg import BatchedCFG
 from ..geometry import Grid
 from ..placement import step_cache
 from ..speed import Speed
-from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype, model_files
 from .tiny_parts import tiny_umt5
 
 
@@ -41,6 +41,15 @@ class WanTI2V(Backend):
         guidance=5.0,
         shift=5.0,
         modes=("standard",),
+        # What load() reads: the pipeline's parts in the diffusers layout (not the repo's examples or assets).
+        files=(
+            "model_index.json",
+            "scheduler/*",
+            "tokenizer/*",
+            *model_files("text_encoder", "model"),
+            *model_files("transformer"),
+            *model_files("vae"),
+        ),
     )
     tiny_grid = Grid(
         max_area=128 * 128, multiple=32
