@@ -48,6 +48,8 @@ class ServerProcess:
             "I2V_CREATE_RATE": "0",
             "I2V_REQUEST_RATE": "0",
             "I2V_MAX_UNFINISHED": "0",
+            # the worker loads the standard model at start, the pro one on first use (the suite's budget)
+            "I2V_PRELOAD": "standard",
             **(env or {}),
         }
         command = [

@@ -14,19 +14,23 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from hub_standin import HubStandIn, Repo
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from serverproc import MODEL, ServerProcess, data_uri
 from tqdm import tqdm
 
 from i2v.backends import BACKENDS, ensure_tiny
 from i2v.backends.ltx2 import DISTILLED_LORA
 from i2v.progress import format_bytes
+from i2v.server.config import ConfigError, ServerConfig
 from i2v.settings import Settings
 from i2v.weights import _select
 
@@ -246,6 +250,87 @@ def test_generate_shows_a_download_as_a_stage_of_its_bar(
     assert all(hub.bytes_served("standin/tiny-wan", p) == len(repo.files[p]) for p in loaded(repo, {}))
 
 
+def test_the_server_downloads_at_start_reports_it_then_serves(
+    hub: HubStandIn, twins: dict[str, Path], tmp_path: Path
+) -> None:
+    repo = hub.add_repo("standin/tiny-wan", twins["wan2.2-ti2v-5b"], extra=DECOYS[WAN])
+    repo.files[VAE] = padded(repo.files[VAE], VAE_SIZE)
+    hub.add_repo("standin/gated-wan", twins["wan2.2-ti2v-5b"], gated=True)
+    hold = hub.hold("standin/tiny-wan", VAE, after=DOWNLOAD_CHUNK_SIZE + 1000)
+    env = standin_backend_env(hub, tmp_path) | {
+        "I2V_MODEL_STANDARD": "standin-wan",
+        "I2V_MODEL_PRO": "standin-wan=standin/gated-wan",
+        "I2V_PRELOAD": "standard",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "600",  # the held response stays open until the test releases it
+    }
+    server = ServerProcess(tmp_path / "data", env=env, model="default")
+    try:
+        assert hold.reached.wait(timeout=240), server.log_tail()
+        health = wait_health(
+            server, lambda h: h["status"] == "DOWNLOADING" and h["setup"]["downloads"][0]["bytes_done"]
+        )
+        (download,) = health["setup"]["downloads"]
+        total = sum(len(repo.files[p]) for p in loaded(repo, DECOYS[WAN]))
+        assert download["model"] == "standin-wan" and download["repo"] == "standin/tiny-wan"
+        assert DOWNLOAD_CHUNK_SIZE <= download["bytes_done"] < download["bytes_total"] == total
+
+        with server.http() as http:
+            created = http.post(
+                f"/v1/models/{MODEL}/predictions",
+                json={"input": {"prompt": "waves", "start_image": data_uri(640, 360), "seed": 1}},
+            ).json()
+            waiting = wait_prediction(
+                http, created["id"], lambda p: "downloading the model weights" in p["logs"]
+            )
+            assert waiting["status"] == "starting"
+            assert waiting["logs"].startswith(
+                "the worker is downloading the model weights (standin-wan from standin/tiny-wan: "
+            )
+
+            hold.release()
+            assert server.wait_ready(timeout=240, states=("READY", "BUSY"))["status"] in ("READY", "BUSY")
+            ran = server.wait_for(created["id"], {"succeeded", "failed"})
+            assert ran["status"] == "succeeded", ran
+
+            # the pro model's repository is gated: its prediction fails with what to do, naming the repo
+            pro = http.post(
+                f"/v1/models/{MODEL}/predictions",
+                json={"input": {"prompt": "x", "start_image": data_uri(640, 360), "mode": "pro"}},
+                headers={"prefer": "wait=60"},
+            ).json()
+            pro = server.wait_for(pro["id"], {"succeeded", "failed"})
+        assert pro["status"] == "failed" and "standin/gated-wan is gated: accept its licence" in pro["error"]
+        assert "HF_TOKEN=" in pro["error"]
+        # every file the backend loads went out once (the load after the pull read the cache), no decoy
+        for path in loaded(repo, DECOYS[WAN]):
+            assert hub.bytes_served("standin/tiny-wan", path) == len(repo.files[path]), path
+        assert not {s.path for s in hub.gets("standin/tiny-wan")} & set(DECOYS[WAN])
+        assert "a worker is downloading standin-wan from standin/tiny-wan: " in server.log_path.read_text()
+    finally:
+        hold.release()
+        server.stop()
+
+
+def wait_health(server: ServerProcess, ok, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{server.base}/health-check", timeout=5).json()
+        if ok(health):
+            return health
+        time.sleep(0.2)
+    raise TimeoutError(f"health never matched; last {health}:\n{server.log_tail()}")
+
+
+def wait_prediction(http: httpx.Client, prediction_id: str, ok, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http.get(f"/v1/predictions/{prediction_id}").json()
+        if ok(body):
+            return body
+        time.sleep(0.2)
+    raise TimeoutError(f"prediction never matched: {body}")
+
+
 def test_each_backend_declares_the_files_its_load_reads(twins: dict[str, Path]) -> None:
     """Every file of the tiny twin (the layout `save_pretrained` writes and `load()` reads) is selected,
     none of the repository's other formats or root-level checkpoints is."""
@@ -260,9 +345,17 @@ def test_each_backend_declares_the_files_its_load_reads(twins: dict[str, Path]) 
     assert BACKENDS["fastwan2.2-ti2v-5b"].spec.files == BACKENDS["wan2.2-ti2v-5b"].spec.files
 
 
-def test_the_disk_reserve_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_reserve_and_preload_settings_name_their_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("I2V_MIN_FREE_DISK", "20GB")
     assert Settings().min_free_disk == 20 * 10**9
     monkeypatch.setenv("I2V_MIN_FREE_DISK", "plenty")
     with pytest.raises(Exception, match="I2V_MIN_FREE_DISK: expected a size like 500MB, 20GB, 2GiB or 0"):
         Settings()
+    monkeypatch.setenv("I2V_API_TOKEN", "t")
+    assert ServerConfig().preload_modes == ("standard", "pro")  # unset: every mode the workers serve
+    for value, modes in (("all", ("standard", "pro")), ("standard", ("standard",)), ("none", ())):
+        monkeypatch.setenv("I2V_PRELOAD", value)
+        assert ServerConfig().preload_modes == modes
+    monkeypatch.setenv("I2V_PRELOAD", "pro")
+    with pytest.raises(ConfigError, match="I2V_PRELOAD: Input should be 'all', 'standard' or 'none'"):
+        ServerConfig()
