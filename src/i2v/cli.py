@@ -244,8 +244,10 @@ def _pull(args: argparse.Namespace) -> int:
         except ModelUnavailable as exc:
             failed = True
             print(f"error: {spec.name}: {exc}", file=sys.stderr)
-            if args.dry_run and (known := weights.cached_plan(spec.name, repo, spec.files)):
-                print(f"{spec.name:<20} {repo}: from the cache's file list: {known.summary()}")
+            if args.dry_run:
+                known = weights.cached_plan(spec.name, repo, spec.files)
+                what = f"from the cache's file list: {known.summary()}" if known else "nothing in the cache"
+                print(f"{spec.name:<20} {repo}: size unknown; {what}")
             continue
         print(f"{spec.name:<20} {repo}: {planned.summary()}")
         if args.dry_run:
@@ -255,7 +257,8 @@ def _pull(args: argparse.Namespace) -> int:
     needed = sum(p.missing_bytes for p in plans)
     free, folder = weights.free_disk()
     if args.dry_run:
-        print(f"would fetch {format_bytes(needed)} into {folder} ({format_bytes(free)} free)")
+        unknown = ", plus the models whose size is unknown," if failed else ""
+        print(f"would fetch {format_bytes(needed)}{unknown} into {folder} ({format_bytes(free)} free)")
         return EXIT_USAGE if failed else 0
     if failed:
         return EXIT_USAGE
