@@ -165,7 +165,7 @@ def test_a_server_worker_runs_each_prediction_on_its_group(tmp_path: Path, _cach
         )
         pro.wait()
         assert pro.status == "succeeded", pro.error
-        log = server.log_tail()
+        log = server.log()
         assert "tiny-wan2.2-ti2v-5b on cpu (attention native, sequence split across 2 ranks)" in log
         assert "warmed up in" in log
         assert "loaded tiny-ltx-2 on cpu (attention native)" in log

@@ -267,7 +267,14 @@ def test_the_server_downloads_at_start_reports_it_then_serves(
     try:
         assert hold.reached.wait(timeout=240), server.log_tail()
         health = wait_health(
-            server, lambda h: h["status"] == "DOWNLOADING" and h["setup"]["downloads"][0]["bytes_done"]
+            server,
+            # the held file's first chunk is written (and reported) once the stand-in has sent it
+            lambda h: (
+                h["status"] == "DOWNLOADING"
+                and any(
+                    d["bytes_done"] >= DOWNLOAD_CHUNK_SIZE for d in h.get("setup", {}).get("downloads", [])
+                )
+            ),
         )
         (download,) = health["setup"]["downloads"]
         total = sum(len(repo.files[p]) for p in loaded(repo, DECOYS[WAN]))
@@ -305,7 +312,7 @@ def test_the_server_downloads_at_start_reports_it_then_serves(
         for path in loaded(repo, DECOYS[WAN]):
             assert hub.bytes_served("standin/tiny-wan", path) == len(repo.files[path]), path
         assert not {s.path for s in hub.gets("standin/tiny-wan")} & set(DECOYS[WAN])
-        assert "a worker is downloading standin-wan from standin/tiny-wan: " in server.log_path.read_text()
+        assert "a worker is downloading standin-wan from standin/tiny-wan: " in server.log()
     finally:
         hold.release()
         server.stop()
