@@ -48,6 +48,8 @@ class ServerProcess:
             "I2V_CREATE_RATE": "0",
             "I2V_REQUEST_RATE": "0",
             "I2V_MAX_UNFINISHED": "0",
+            # the worker loads the standard model at start, the pro one on first use (the suite's budget)
+            "I2V_PRELOAD": "standard",
             **(env or {}),
         }
         command = [
@@ -67,8 +69,13 @@ class ServerProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
+    def log(self) -> str:
+        """The whole log, for assertions (a tail can scroll past the line looked for)."""
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        """The end of the log, for failure messages."""
+        return self.log()[-4000:]
 
     def wait_ready(self, timeout: float = 300, states: tuple[str, ...] = ("READY", "BUSY")) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -54,7 +54,7 @@ def check_mp4(data: bytes, tmp_path: Path, source: tuple[int, int]) -> None:
 
 
 def test_the_worker_warms_the_model_up_at_start(server):
-    assert "warmed up in" in server.log_tail()  # the fixture waited for READY, which the worker sends after
+    assert "warmed up in" in server.log()  # the fixture waited for READY, which the worker sends after
 
 
 def test_token_required(server):

@@ -1,8 +1,9 @@
 """The engine: one Kling request in, one exact mp4 out.
 
     plan:  request -> images decoded (or fetched) and checked -> output size from the start image ->
-           backend for the mode and preset (resolved once, loaded by the executor) -> inputs fitted to
-           the model's grid, seed fixed
+           backend for the mode and preset (resolved once; its weights pulled into the HF cache when
+           missing, a progress stage of its own; loaded by the executor) -> inputs fitted to the model's
+           grid, seed fixed
     run:   the executor runs the plan: diffusers pipeline -> frames on the model's grid
     write: frames at 24 fps -> mp4 at exact size
 
@@ -31,11 +32,12 @@ from .executors import BackendKey, Executor, LocalExecutor, Plan
 from .geometry import fit_image, output_size
 from .images import ImageLoader, decode_image
 from .parallel import GroupExecutor
-from .progress import ProgressCallback, Reporter
+from .progress import DOWNLOAD_STAGE, DownloadCallback, ProgressCallback, Reporter
 from .request import FPS, ImageField, KlingRequest, Mode, RequestPreset
 from .retime import retime
 from .settings import Settings
 from .video import to_uint8, write_mp4
+from .weights import ensure
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class Engine:
         self.model = model
         self.executor = executor_for(device or self.settings.device, self.settings)
         self.loader = loader or ImageLoader(allow=self.settings.fetch_allow)
+        self._pulled: set[BackendKey] = set()
+        self._pull_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -119,21 +123,37 @@ class Engine:
 
     def key(self, mode: Mode, preset: RequestPreset = "default") -> BackendKey:
         """The backend for a mode; `turbo` picks the mode's distilled model (Settings.turbo_models)."""
-        configured = (self.settings.turbo_models if preset == "turbo" else self.settings.models)[mode]
-        if self.model in (None, "default"):
-            return BackendKey(configured)
-        if self.model == "tiny":
-            return BackendKey("tiny-" + configured.partition("=")[0])
-        return BackendKey(self.model)  # one explicit model serves every mode and preset
+        return BackendKey(self.settings.model_ref(mode, preset, self.model))
 
-    def backend(self, mode: Mode, preset: RequestPreset = "default") -> Backend:
-        """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
+    def pull(
+        self, mode: Mode, preset: RequestPreset = "default", on_download: DownloadCallback | None = None
+    ) -> None:
+        """Download the mode's weights into the HF cache unless they are there (`i2v.weights.ensure`): the
+        files its backend loads, after the disk check; once per backend, and before the executor loads it."""
+        key = self.key(mode, preset)
+        with self._pull_lock:
+            if key in self._pulled:
+                return
+            _, spec = self.executor.spec(key)
+            pulled = ensure(spec.name, spec.source, spec.files, self.settings.min_free_disk, on_download)
+            if pulled is not None:
+                log.info("pulled %s from %s: %s", spec.name, pulled.repo, pulled.summary())
+            self._pulled.add(key)
+
+    def backend(
+        self, mode: Mode, preset: RequestPreset = "default", report: Reporter | None = None
+    ) -> Backend:
+        """The loaded backend for a mode; the first call pulls and loads its weights, later calls reuse them.
+
+        With `report`, a download is reported as the "downloading weights" stage (bytes done of total)."""
         key = self.key(mode, preset)
         _, spec = self.executor.spec(key)
         if mode not in spec.modes:  # allowed (the output is still mapped to the exact size), but worth a note
             log.warning(
                 "%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode
             )
+        on_download = None if report is None else lambda p: report(DOWNLOAD_STAGE, p.done, p.total)
+        self.pull(mode, preset, on_download)
         return self.executor.backend(key)
 
     def warm_up(self, modes: tuple[Mode, ...] = ("standard", "pro")) -> dict[str, float]:
@@ -171,10 +191,11 @@ class Engine:
         size = output_size(start.width, start.height, request.short_side)
         timings["inputs"] = time.perf_counter() - clock
 
-        report("loading model")
-        clock = time.perf_counter()
         preset = self.preset(request)
         key = self.key(request.mode, preset)
+        self.pull(request.mode, preset, lambda p: report(DOWNLOAD_STAGE, p.done, p.total))
+        report("loading model")
+        clock = time.perf_counter()
         backend = self.backend(request.mode, preset)
         spec = backend.spec
         if end is not None and not spec.takes_end_frame:

@@ -1,4 +1,4 @@
-"""How settings text becomes values: flags, comma-separated lists, counts and durations.
+"""How settings text becomes values: flags, comma-separated lists, counts, durations and sizes.
 
 Each parser takes what the environment gives (text) or an already typed value, and raises ValueError
 with the rule it expects; the settings classes add the variable's name (`i2v.settings`).
@@ -14,6 +14,7 @@ from pydantic import BeforeValidator
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?\s*$")
 
 
 def parse_flag(value: Any) -> Any:
@@ -69,9 +70,26 @@ def parse_duration(value: Any) -> Any:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
+def parse_bytes(value: Any) -> Any:
+    """'20GB', '500MB', '1.5T', '2GiB', '1000' (bytes) -> bytes; '0', 'off' -> 0. Units are decimal, as the
+    hub counts, unless written binary (KiB, MiB, GiB, TiB)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("off", "none"):
+        return 0
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"expected a size like 500MB, 20GB, 2GiB or 0, got {text!r}")
+    number, unit, binary = float(match.group(1)), match.group(2) or "", match.group(3)
+    power = " kmgt".index(unit) if unit else 0
+    return int(number * (1024 if binary else 1000) ** power)
+
+
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
 OptionalFlag = Annotated[bool | None, BeforeValidator(parse_flag)]
 CommaList = Annotated[tuple[str, ...], BeforeValidator(split_commas)]
 Limit = Annotated[int, BeforeValidator(parse_limit)]
 Seconds = Annotated[tuple[float, ...], BeforeValidator(parse_seconds_list)]
 Duration = Annotated[float | None, BeforeValidator(parse_duration)]
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]

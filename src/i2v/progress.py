@@ -1,4 +1,4 @@
-"""Progress reports from the engine, and the cancel check between steps."""
+"""Progress reports from the engine (stages, steps, bytes of a download), and the cancel check between steps."""
 
 from __future__ import annotations
 
@@ -23,6 +23,41 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """Bytes of a model's weights fetched so far, of those missing from the cache when the pull began.
+
+    Plain and picklable: a worker sends it to the server inside its `StateChanged` events.
+    """
+
+    model: str  # the backend's name
+    repo: str  # the hub repository
+    done: int
+    total: int
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    def __str__(self) -> str:
+        share = f" ({100 * self.done // self.total}%)" if self.total else ""
+        return (
+            f"{self.model} from {self.repo}: {format_bytes(self.done)} of {format_bytes(self.total)}{share}"
+        )
+
+
+DownloadCallback = Callable[[DownloadProgress], None]
+
+
+def format_bytes(count: float) -> str:
+    """Bytes in the hub's decimal units: 512 B, 1.2 MB, 23.9 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 class CancelFlag(Protocol):
@@ -56,8 +91,18 @@ class Reporter:
             raise Canceled("the prediction was canceled")
 
 
-# The stages the engine reports, in the order it reports them ("retiming" only for models not at 24 fps).
-STAGES = ("loading inputs", "loading model", "denoising", "decoding", "retiming", "encoding video")
+# The stages the engine reports, in the order it reports them ("downloading weights" only when the model's
+# weights are missing from the cache, its step and total in bytes; "retiming" only for models not at 24 fps).
+DOWNLOAD_STAGE = "downloading weights"
+STAGES = (
+    "loading inputs",
+    DOWNLOAD_STAGE,
+    "loading model",
+    "denoising",
+    "decoding",
+    "retiming",
+    "encoding video",
+)
 _STAGE_TIMES = "stage times: "
 
 

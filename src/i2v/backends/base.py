@@ -41,6 +41,10 @@ class BackendSpec:
     guidance: float
     shift: float | None
     modes: tuple[str, ...]  # the Kling modes it is made for (others work, with a logged warning)
+    # The repository files `load()` reads, as glob patterns (`i2v pull`, and the pull before a load):
+    # one weight format, no root-level single-file checkpoint the diffusers layout does not use.
+    # "*" (every file) for a backend that declares nothing.
+    files: tuple[str, ...] = ("*",)
     # What the model's own code samples with when the negative prompt is empty (its CLI's or config's).
     default_negative_prompt: str = ""
     needs_end_frame: bool = False  # trained on a first and a last frame: a start image alone is refused
@@ -93,6 +97,13 @@ class Clip:
     frames: np.ndarray
     fps: int
     audio: tuple[np.ndarray, int] | None = None
+
+
+def model_files(folder: str, weights: str = "diffusion_pytorch_model") -> tuple[str, ...]:
+    """What `from_pretrained(source, subfolder=folder)` reads: the folder's JSON (config, shard index) and
+    its safetensors, in one file or in shards (`-00001-of-00003`); not `.bin` copies, not variants
+    (`.fp16.safetensors`). `weights` is "model" for a transformers model (text or image encoder)."""
+    return (f"{folder}/*.json", f"{folder}/{weights}.safetensors", f"{folder}/{weights}-*-of-*.safetensors")
 
 
 def device_dtype(device: torch.device) -> torch.dtype:

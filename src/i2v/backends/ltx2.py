@@ -50,7 +50,7 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaToke
 from ..geometry import Grid
 from ..placement import place
 from ..speed import Speed
-from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype, model_files
 
 UPSAMPLER_FOLDER = "latent_upsampler"
 # Lightricks' LoRA that turns the base model into the distilled one for the refine stage.
@@ -89,6 +89,14 @@ LTX2_NEGATIVE_PROMPT = (
     "pauses, incorrect timing, unnatural transitions, inconsistent framing, tilted camera, flat lighting, "
     "inconsistent tone, cinematic oversaturation, stylized filters, or AI artifacts."
 )
+# The diffusers pipeline's parts and the latent upsampler, as `load()` reads them; not the repo's root-level
+# single-file checkpoints (ltx-2-19b-dev.safetensors, the fp8 copies, the upscalers), which that layout
+# does not use.
+PIPELINE_FILES = (
+    "model_index.json", "scheduler/*", "tokenizer/*", *model_files("text_encoder", "model"),
+    *model_files("transformer"), *model_files("connectors"), *model_files("vae"), *model_files("audio_vae"),
+    *model_files("vocoder"), *model_files(UPSAMPLER_FOLDER),
+)  # fmt: skip
 
 
 class LTX2KeyframePipeline(LTX2ConditionPipeline):
@@ -144,6 +152,7 @@ class LTX2(Backend):
         shift=math.exp(STAGE1_MU),  # static: the same schedule at every size, length and keyframe count
         modes=("pro",),
         default_negative_prompt=LTX2_NEGATIVE_PROMPT,
+        files=(*PIPELINE_FILES, DISTILLED_LORA),  # the base model refines with the distilled LoRA
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=32)
     distilled: ClassVar[bool] = False
@@ -370,6 +379,7 @@ class LTX2Distilled(LTX2):
     spec = dataclasses.replace(
         LTX2.spec, name="ltx-2-distilled", source="rootonchair/LTX-2-19b-distilled", steps=8, guidance=1.0,
         shift=None, default_negative_prompt="",  # no guidance: the negative prompt is never used
+        files=PIPELINE_FILES,  # no LoRA: the checkpoint is distilled already
     )  # fmt: skip
     tiny_steps = 8  # the distilled schedule is a fixed list of 8 sigmas
     distilled = True

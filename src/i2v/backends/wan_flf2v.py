@@ -29,7 +29,7 @@ from diffusers import (
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..geometry import Grid
-from .base import BackendSpec, device_dtype
+from .base import BackendSpec, device_dtype, model_files
 from .tiny_parts import save_untied_like_wan, tiny_umt5
 from .wan_ti2v import WAN_NEGATIVE_PROMPT, WanTI2V
 
@@ -53,6 +53,8 @@ class WanFLF2V(WanTI2V):
         modes=("pro",),
         default_negative_prompt=FLF2V_NEGATIVE_PROMPT,
         needs_end_frame=True,
+        # What load() reads: TI2V's parts plus the CLIP image encoder and its processor.
+        files=(*WanTI2V.spec.files, *model_files("image_encoder", "model"), "image_processor/*"),
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=16)
 

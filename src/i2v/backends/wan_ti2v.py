@@ -33,7 +33,7 @@ from ..errors import ModelUnavailable
 from ..geometry import Grid
 from ..placement import step_cache
 from ..speed import Speed
-from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype, model_files
 from .tiny_parts import save_untied_like_wan, tiny_umt5
 
 # Wan's default negative prompt: `sample_neg_prompt` in Wan-Video/Wan2.2 wan/configs/shared_config.py
@@ -108,6 +108,15 @@ class WanTI2V(Backend):
         shift=5.0,
         modes=("standard",),
         default_negative_prompt=WAN_NEGATIVE_PROMPT,
+        # What load() reads: the pipeline's parts in the diffusers layout (not the repo's examples or assets).
+        files=(
+            "model_index.json",
+            "scheduler/*",
+            "tokenizer/*",
+            *model_files("text_encoder", "model"),
+            *model_files("transformer"),
+            *model_files("vae"),
+        ),
     )
     tiny_grid = Grid(
         max_area=128 * 128, multiple=32

@@ -57,7 +57,7 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     if runner is None:
         from .worker import LocalRunner
 
-        runner = LocalRunner(config.model, config.devices)
+        runner = LocalRunner(config.model, config.devices, preload=config.preload_modes)
     service = Service(config, runner)
     version = version_id(config.model)
     started = datetime.now(UTC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,7 +17,7 @@ from ..devices import device_group
 from ..errors import I2VError
 from ..parsing import CommaList, Duration, Flag, Limit, Seconds
 from ..parsing import parse_duration as _parse_duration
-from ..request import ImageField
+from ..request import MODES, ImageField, Mode
 from ..settings import EnvSettings, FieldPath, xdg_data_home
 
 LOOPBACK = "127.0.0.1"
@@ -63,6 +63,9 @@ class ServerConfig(EnvSettings):
     - max_unfinished: predictions per token waiting or running at once (`I2V_MAX_UNFINISHED`); 429 above it.
     Limits set to 0 are off.
     - webhook_retry_delays: seconds between retries of a terminal webhook (`I2V_WEBHOOK_RETRY_DELAYS`).
+    - preload: the models each worker pulls (downloads when missing) and loads before it reports READY
+      (`I2V_PRELOAD`): `all` (every mode's), `standard`, or `none` (each loads on its first prediction);
+      unset: the modes the workers serve, which today is every mode.
     """
 
     ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
@@ -80,6 +83,7 @@ class ServerConfig(EnvSettings):
         "I2V_CREATE_RATE": ("create_rate",),
         "I2V_MAX_UNFINISHED": ("max_unfinished",),
         "I2V_WEBHOOK_RETRY_DELAYS": ("webhook_retry_delays",),
+        "I2V_PRELOAD": ("preload",),
     }
     error: ClassVar[type[Exception]] = ConfigError
 
@@ -101,6 +105,7 @@ class ServerConfig(EnvSettings):
     create_rate: Limit = DEFAULT_CREATE_RATE
     max_unfinished: Limit = DEFAULT_MAX_UNFINISHED
     webhook_retry_delays: Seconds = RETRY_DELAYS
+    preload: Literal["all", "standard", "none"] | None = None
 
     @classmethod
     def from_env(
@@ -157,6 +162,15 @@ class ServerConfig(EnvSettings):
                 "or pass --no-auth to serve without authentication on loopback"
             )
         return self
+
+    @property
+    def preload_modes(self) -> tuple[Mode, ...]:
+        """The modes whose models a worker pulls and loads at start-up (`preload`)."""
+        if self.preload == "none":
+            return ()
+        if self.preload == "standard":
+            return ("standard",)
+        return MODES  # "all", and unset: every worker serves every mode
 
     @property
     def db_path(self) -> Path:

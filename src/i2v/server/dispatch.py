@@ -2,7 +2,8 @@
 
 Predictions wait in the store (status `starting`) and go to the runner oldest first whenever it has a free
 slot, each as a `Job` with its request and the image bytes checked at create. Runner events update the
-store, wake `Prefer: wait` requests and send webhooks.
+store, wake `Prefer: wait` requests and send webhooks. While a worker downloads weights at set-up, the
+downloads are kept for /health-check, logged, and each waiting prediction's logs say what it waits for.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..progress import DownloadProgress
 from ..request import IMAGE_FIELDS, ImageField, KlingRequest
 from .config import ServerConfig
 from .housekeeping import Metrics
@@ -42,6 +44,9 @@ class Dispatcher:
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._lock = threading.Lock()
         self._pending = threading.Event()  # set when there may be something to dispatch
+        self._downloads: dict[str, DownloadProgress] = {}  # by repo, while workers set up
+        self._logged_tenths: dict[str, int] = {}
+        self._told_waiting: set[str] = set()  # predictions whose logs say they wait for a download
 
     def kick(self) -> None:
         self._pending.set()
@@ -52,12 +57,52 @@ class Dispatcher:
             try:
                 while self.runner.free_slots() > 0 and self._dispatch_one():
                     pass
+                if self.downloads():
+                    self._tell_waiting()
             except Exception:
                 log.exception("dispatch failed")
             self._pending.wait(timeout=1.0)
 
     def stop(self) -> None:
         self._pending.set()
+
+    # weights downloading at set-up
+
+    def downloads(self) -> list[DownloadProgress]:
+        with self._lock:
+            return list(self._downloads.values())
+
+    def _downloading(self, progress: DownloadProgress | None) -> None:
+        with self._lock:
+            if progress is None:  # a worker moved on: loading, ready, failed
+                self._downloads.clear()
+            elif progress.finished:
+                self._downloads.pop(progress.repo, None)
+            else:
+                self._downloads[progress.repo] = progress
+        if progress is not None:
+            tenth = 10 * progress.done // progress.total if progress.total else 10
+            if self._logged_tenths.get(progress.repo) != tenth:
+                self._logged_tenths[progress.repo] = tenth
+                log.info("a worker is downloading %s", progress)
+
+    def _tell_waiting(self) -> None:
+        """Each queued prediction's logs say once that it waits for the weights, not a silent queue."""
+        downloads = self.downloads()
+        if not downloads:
+            return
+        line = (
+            f"the worker is downloading the model weights ({'; '.join(map(str, downloads))}); this "
+            "prediction waits in the queue until they are in"
+        )
+        for prediction_id in self.store.queued_ids():
+            if prediction_id in self._told_waiting:
+                continue
+            row = self.store.prediction(prediction_id)
+            if row is not None and self.store.transition(
+                prediction_id, {QUEUED}, logs=row.logs + line + "\n"
+            ):
+                self._told_waiting.add(prediction_id)
 
     def _dispatch_one(self) -> bool:
         queued = self.store.next_queued()
@@ -141,9 +186,10 @@ class Dispatcher:
 
     def _handle(self, event: Event) -> None:
         match event:
-            case StateChanged(state, detail):
+            case StateChanged(state, detail, download):
                 if state == "SETUP_FAILED":
                     log.error("worker setup failed: %s", detail)
+                self._downloading(download)
                 self.kick()
             case Started():
                 pass  # the dispatcher already marked it processing
@@ -216,6 +262,7 @@ class Dispatcher:
             waiters = list(self._waiters.get(row.id, []))
         for loop, done in waiters:
             loop.call_soon_threadsafe(done.set)
+        self._told_waiting.discard(row.id)
         if row.webhook:
             # The single output (the mp4) exists only at the end, so `output` and `completed` coincide: one
             # terminal delivery serves both filters instead of two copies of the same body.

@@ -6,21 +6,21 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from .config import ServerConfig
 from .files import Files
-from .runner import Runner
+from .runner import Runner, RunnerState
 from .states import QUEUED, TERMINAL
 from .store import PredictionRow, Store, utcnow
 
 log = logging.getLogger(__name__)
 
 PREDICT_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900, 1200, 1800, 3600)
-RUNNER_STATES = ("STARTING", "READY", "BUSY", "SETUP_FAILED")
+RUNNER_STATES: tuple[RunnerState, ...] = get_args(RunnerState)
 
 
 class Metrics:

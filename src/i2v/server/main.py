@@ -31,7 +31,10 @@ def serve(
 
     from .app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: an import may have configured the root logger already (at WARNING), which would drop ours
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     if config.no_auth:
         logging.getLogger(__name__).warning("serving WITHOUT authentication on %s", config.host)
     app = create_app(config)

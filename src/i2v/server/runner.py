@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from ..progress import DownloadProgress
 from ..request import ImageField, KlingRequest
 
-RunnerState = Literal["STARTING", "READY", "BUSY", "SETUP_FAILED"]
+# DOWNLOADING: setting up, and fetching a model's weights into the HF cache (StateChanged.download says how far).
+RunnerState = Literal["STARTING", "DOWNLOADING", "READY", "BUSY", "SETUP_FAILED"]
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,12 @@ class Canceled:
 
 @dataclass(frozen=True)
 class StateChanged:
-    """A worker became ready, busy, idle or failed its setup; `detail` says why when it failed."""
+    """A worker became ready, busy, idle or failed its setup; `detail` says why when it failed. While it
+    pulls weights at set-up the state is DOWNLOADING, sent again as the bytes come in (`download`)."""
 
     state: RunnerState
     detail: str | None = None
+    download: DownloadProgress | None = None
 
 
 Event = Started | Log | Succeeded | Failed | Canceled | StateChanged
@@ -90,7 +94,8 @@ class Runner(Protocol):
         """Start the workers; events (from any thread) go to `on_event` from now on."""
 
     def state(self) -> RunnerState:
-        """STARTING until a worker is set up; READY with a free slot; BUSY when all are running."""
+        """STARTING until a worker is set up (DOWNLOADING while it fetches weights); READY with a free slot;
+        BUSY when all are running."""
 
     def setup_error(self) -> str | None:
         """Why setup failed, when it did."""

@@ -266,6 +266,15 @@ class Service:
         body: dict[str, Any] = {"status": state, "queue_depth": self.store.counts_by_status()[QUEUED]}
         if state == "SETUP_FAILED":
             body["setup"] = {"status": "failed", "logs": self.runner.setup_error()}
+        elif downloads := self.dispatcher.downloads():  # a worker fetching weights as it sets up
+            body["setup"] = {
+                "status": "downloading",
+                "logs": "; ".join(map(str, downloads)),
+                "downloads": [
+                    {"model": d.model, "repo": d.repo, "bytes_done": d.done, "bytes_total": d.total}
+                    for d in downloads
+                ],
+            }
         return body
 
     def metrics_text(self) -> bytes:

@@ -189,6 +189,15 @@ class Store:
                 .limit(1)
             )
 
+    def queued_ids(self) -> list[str]:
+        """The predictions waiting for a worker, oldest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(PredictionRow.id).where(PredictionRow.status == QUEUED).order_by(PredictionRow.seq)
+                )
+            )
+
     def page(
         self,
         model: type[Base],

@@ -4,6 +4,9 @@ The worker process is the only place the engine (and so torch) is imported. It t
 pipe, in typed messages that pickle as they are: the server sends `RunJob`, `CancelJob` and `StopWorker`;
 the worker answers with the runner's events (`Started`, `Log`, `Succeeded`, ..., `StateChanged`).
 If the server dies, the pipe closes and the worker exits at once, so no orphan keeps the GPU busy.
+
+At start-up a worker pulls and loads the models of its preload modes (`I2V_PRELOAD`) before it reports
+READY; while weights download it reports DOWNLOADING with the bytes (`StateChanged.download`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from ..devices import GROUP_SEPARATOR
-from ..request import Mode
+from ..progress import DOWNLOAD_STAGE, DownloadProgress
+from ..request import MODES, Mode
 from .runner import (
     Canceled,
     ClipInfo,
@@ -44,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SETUP_MODE: Mode = "standard"  # the backend loaded at start-up; others load on first use
 BAR_WIDTH = 20
 
 
@@ -82,8 +85,15 @@ def progress_line(stage: str, step: int | None, total: int | None) -> str:
 class WorkerProcess:
     """One child process on one device, and the thread that reads its events."""
 
-    def __init__(self, index: int, model: str | None, device: str | None, on_event: EventCallback) -> None:
-        self.index, self.model, self.device = index, model, device
+    def __init__(
+        self,
+        index: int,
+        model: str | None,
+        device: str | None,
+        on_event: EventCallback,
+        preload: tuple[Mode, ...] = MODES,
+    ) -> None:
+        self.index, self.model, self.device, self.preload = index, model, device, preload
         self._on_event = on_event
         self._send_lock = threading.Lock()
         self.state: RunnerState = "STARTING"
@@ -98,7 +108,7 @@ class WorkerProcess:
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=worker_main,
-            args=(child, self.model, self.device),
+            args=(child, self.model, self.device, self.preload),
             name=f"i2v-worker-{self.index}",
             # A group's worker starts its follower ranks, which a daemonic process may not; it still exits
             # as soon as the server's end of the pipe closes, and the runner's stop() (also at exit) ends it.
@@ -134,6 +144,8 @@ class WorkerProcess:
                 self.state, self._crashes = "READY", 0
             case StateChanged("SETUP_FAILED", detail):
                 self.state, self.error = "SETUP_FAILED", detail
+            case StateChanged("DOWNLOADING" | "STARTING" as state):
+                self.state = state
             case Started() | Log():
                 pass
             case Succeeded() | Failed() | Canceled():
@@ -182,13 +194,17 @@ class WorkerProcess:
 class LocalRunner:
     """Worker processes on this machine, one per configured device."""
 
-    def __init__(self, model: str | None, devices: tuple[str | None, ...] = (None,)) -> None:
-        self.model, self.devices = model, devices
+    def __init__(
+        self, model: str | None, devices: tuple[str | None, ...] = (None,), preload: tuple[Mode, ...] = MODES
+    ) -> None:
+        self.model, self.devices, self.preload = model, devices, preload
         self._workers: list[WorkerProcess] = []
         self._lock = threading.Lock()
 
     def start(self, on_event: EventCallback) -> None:
-        self._workers = [WorkerProcess(i, self.model, d, on_event) for i, d in enumerate(self.devices)]
+        self._workers = [
+            WorkerProcess(i, self.model, d, on_event, self.preload) for i, d in enumerate(self.devices)
+        ]
         atexit.register(self.stop)  # before multiprocessing joins the non-daemonic (group) workers at exit
 
     def _accepting(self) -> list[WorkerProcess]:
@@ -201,7 +217,7 @@ class LocalRunner:
             if self._accepting():
                 return "READY" if "READY" in states else "SETUP_FAILED"
             return "BUSY"
-        return "STARTING"
+        return "DOWNLOADING" if "DOWNLOADING" in states else "STARTING"
 
     def setup_error(self) -> str | None:
         return next((w.error for w in self._workers if w.error), None)
@@ -229,10 +245,14 @@ class LocalRunner:
 # The child process from here on.
 
 
-def worker_main(conn: Connection, model: str | None, device: str | None) -> None:
-    """Entry point of a worker process: set up the engine, then run jobs as they come."""
+def worker_main(
+    conn: Connection, model: str | None, device: str | None, preload: tuple[Mode, ...] = MODES
+) -> None:
+    """Entry point of a worker process: set up the engine (pull and load the preload modes' models), then
+    run jobs as they come."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per hub request while weights load
     jobs: queue.Queue[Job | None] = queue.Queue()
     send_lock, state_lock = threading.Lock(), threading.Lock()
     running: dict[str, threading.Event] = {}  # the job now running, and its cancel flag
@@ -271,10 +291,10 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
         # Images arrive as the bytes checked at create; the engine never fetches or reads a path here.
         # A device group ("cuda:0+cuda:1") gives an engine that splits each request across its GPUs.
         engine = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
-        engine.backend(SETUP_MODE)
+        modes = _preload(engine, preload, send)
         speed = engine.settings.speed
-        if speed.on(speed.warmup, engine.device):  # compile and tune now, not in the first request
-            log.info("warmed up in %.1f s", engine.warm_up((SETUP_MODE,))[SETUP_MODE])
+        if modes and speed.on(speed.warmup, engine.device):  # compile and tune now, not in the first request
+            log.info("warmed up in %s", engine.warm_up(modes))
     except Exception as exc:
         setup_error = f"model setup failed: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", setup_error, traceback.format_exc())
@@ -297,6 +317,27 @@ def worker_main(conn: Connection, model: str | None, device: str | None) -> None
             os._exit(70)
 
 
+def _preload(engine: Engine, modes: tuple[Mode, ...], send: Send) -> tuple[Mode, ...]:
+    """Pull (reporting DOWNLOADING with the bytes) and load each mode's model, once per model; returns the
+    modes loaded. A prediction for one of them waits in the server's queue meanwhile."""
+    distinct: dict[object, Mode] = {}
+    for mode in modes:
+        distinct.setdefault(engine.key(mode), mode)
+    last: list[DownloadProgress] = []
+
+    def downloading(progress: DownloadProgress) -> None:
+        last[:] = [progress]
+        send(StateChanged("DOWNLOADING", download=progress))
+
+    for mode in distinct.values():
+        last.clear()
+        engine.pull(mode, on_download=downloading)
+        if last:
+            send(StateChanged("STARTING"))
+        engine.backend(mode)
+    return tuple(distinct.values())
+
+
 def _run_job(
     job: Job, engine: Engine | None, setup_error: str | None, cancel: threading.Event, send: Send
 ) -> None:
@@ -312,9 +353,14 @@ def _run_job(
             raise errors.I2VError(setup_error or "the model is not set up")
 
         stages = StageClock()  # the server's time estimates for similar clips come from these lines
+        percent = [-1]  # a download's bytes go to the logs once per percent
 
         def on_progress(progress: Progress) -> None:
             stages(progress)
+            if progress.stage == DOWNLOAD_STAGE and progress.total:
+                if 100 * (progress.step or 0) // progress.total == percent[0]:
+                    return
+                percent[0] = 100 * (progress.step or 0) // progress.total
             send(Log(job.id, progress_line(progress.stage, progress.step, progress.total)))
 
         with engine_log_to(job.id, send):
