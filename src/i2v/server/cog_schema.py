@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from ..images import FORMATS, MAX_ASPECT, MAX_BYTES, MIN_SIDE
@@ -187,3 +189,21 @@ def version_id(engine_model: str | None) -> str:
     """A 64-hex version id that changes when the schema or the served model changes."""
     text = json.dumps(openapi_schema(), sort_keys=True) + "\n" + (engine_model or "default")
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Cog's runtime (coglet) validates inputs against `.cog/openapi_schema.json` in the model's folder, which
+# `cog build` writes; without it `/openapi.json` is 503 and inputs reach predict() unchecked. The file is
+# shipped in the repository, generated here (tests/test_cog_predictor.py fails when it drifts):
+#     python -m i2v.server.cog_schema
+SHIPPED_SCHEMA = Path(".cog") / "openapi_schema.json"
+
+
+def schema_text() -> str:
+    return json.dumps(openapi_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED_SCHEMA
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(schema_text())
+    print(f"wrote {target}")

@@ -12,6 +12,8 @@ from .limits import token_owner
 from .schemas import APIError
 from .service import Service
 
+METRICS_TOKEN_NEEDED = "/metrics has its own credential: set I2V_METRICS_TOKEN and send that token"
+
 
 def current_service(request: Request) -> Service:
     return request.app.state.service
@@ -30,18 +32,40 @@ def authenticate(request: Request, service: ServiceDep) -> str:
     if config.no_auth:
         owner = token_owner(None)
     else:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not token or scheme.lower() not in ("bearer", "token"):
-            raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
-        given = token.strip().encode()
-        matched = False
-        for known in config.tokens:
-            matched |= hmac.compare_digest(given, known.encode())
-        if not matched:
+        given = _bearer(request)
+        if not _known(given, config.tokens):
             raise APIError(401, "Unauthenticated", "Invalid token")
         owner = token_owner(given.decode())
     service.check_request_rate(owner)
     return owner
+
+
+def _bearer(request: Request) -> bytes:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not token or scheme.lower() not in ("bearer", "token"):
+        raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
+    return token.strip().encode(errors="replace")
+
+
+def _known(given: bytes, tokens: tuple[str, ...]) -> bool:
+    matched = False
+    for known in tokens:  # every one, no early exit
+        matched |= hmac.compare_digest(given, known.encode())
+    return matched
+
+
+def authorize_metrics(request: Request, service: ServiceDep) -> None:
+    """`/metrics` shows server-wide figures, so it takes its own token (`I2V_METRICS_TOKEN`), not an API
+    token: one tenant does not learn another's traffic. Without authentication (`--no-auth`) it is open."""
+    config = service.config
+    if config.no_auth:
+        return
+    given = _bearer(request)
+    if config.metrics_token and _known(given, (config.metrics_token,)):
+        return
+    if _known(given, config.tokens):
+        raise APIError(403, "Forbidden", METRICS_TOKEN_NEEDED)
+    raise APIError(401, "Unauthenticated", "Invalid token")
 
 
 Owner = Annotated[str, Depends(authenticate)]

@@ -4,6 +4,11 @@ Predictions wait in the store (status `starting`) and go to the runner oldest fi
 slot, each as a `Job` with its request and the image bytes checked at create. Runner events update the
 store, wake `Prefer: wait` requests and send webhooks. While a worker downloads weights at set-up, the
 downloads are kept for /health-check, logged, and each waiting prediction's logs say what it waits for.
+
+Each status change is the store's compare-and-set, so a prediction ends once: whoever wins (a cancel, the
+worker's outcome, a restart's recovery) calls `ended`, and a loser changes nothing. The writes that follow
+runner events are retried until they land (`Store.until_written`): a full disk delays an outcome, never
+loses it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import contextlib
 import json
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -24,10 +30,11 @@ from .housekeeping import Metrics
 from .runner import Canceled, Event, Failed, Job, Log, Runner, Started, StateChanged, Succeeded
 from .schemas import prediction_body
 from .states import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Status, WebhookEvent
-from .store import PredictionRow, Store, utcnow
+from .store import PredictionRow, StorageError, Store, utcnow
 from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Dispatcher:
@@ -104,12 +111,18 @@ class Dispatcher:
             ):
                 self._told_waiting.add(prediction_id)
 
+    def _write(self, what: str, write: Callable[[], T]) -> T:
+        return self.store.until_written(what, write)
+
     def _dispatch_one(self) -> bool:
-        queued = self.store.next_queued()
+        queued = self._write("the queue", self.store.next_queued)
         if queued is None:
             return False
-        row = self.store.transition(
-            queued.id, {QUEUED}, status=RUNNING, started_at=utcnow(), attempts=queued.attempts + 1
+        row = self._write(
+            f"the start of {queued.id}",
+            lambda: self.store.transition(
+                queued.id, {QUEUED}, status=RUNNING, started_at=utcnow(), attempts=queued.attempts + 1
+            ),
         )
         if row is None:  # canceled meanwhile
             return True
@@ -166,19 +179,26 @@ class Dispatcher:
     # cancels
 
     def cancel(self, row: PredictionRow) -> None:
+        """A queued prediction ends here (StorageError when that cannot be recorded: nothing changed); a
+        running one is told to stop, and its worker's `Canceled` ends it."""
         if row.status == QUEUED:
             done = self.store.transition(row.id, {QUEUED}, status=CANCELED, completed_at=utcnow())
             if done is not None:
                 self.ended(done)
                 return
-            row = self.store.prediction(row.id) or row
+            row = self.store.prediction(row.id) or row  # it started (or ended) meanwhile
         if row.status == RUNNING:
-            self.store.transition(row.id, {RUNNING}, cancel_requested=True)
+            try:
+                self.store.transition(row.id, {RUNNING}, cancel_requested=True)
+            except StorageError as exc:  # the worker is told anyway; its outcome is retried until stored
+                log.error("prediction %s: could not record its cancel request (%s)", row.id, exc)
             self.runner.cancel(row.id)  # the worker stops at its next step and reports Canceled
 
     # runner events (from the runner's threads)
 
     def on_event(self, event: Event) -> None:
+        """Called on the runner's threads, one worker's events in order; a write the database refuses is
+        retried here until it lands, so later events of that worker wait behind it."""
         try:
             self._handle(event)
         except Exception:
@@ -194,14 +214,16 @@ class Dispatcher:
             case Started():
                 pass  # the dispatcher already marked it processing
             case Log(prediction_id, line):
-                row = self.store.append_log(prediction_id, line)
+                row = self._write(
+                    f"a log line of {prediction_id}", lambda: self.store.append_log(prediction_id, line)
+                )
                 if row is not None and row.webhook and "logs" in row.webhook_events_filter:
                     self.webhooks.send_progress(
-                        row.id, row.webhook, "logs", lambda: self._progress_body(prediction_id)
+                        row.id, row.owner, row.webhook, "logs", lambda: self._progress_body(prediction_id)
                     )
             case Succeeded(prediction_id, predict_time, info):
                 output = self.config.output_path(prediction_id)
-                if not output.is_file():
+                if not self._readable(output):
                     self.finish(
                         prediction_id, status=FAILED, error="the output video is missing from the data folder"
                     )
@@ -222,12 +244,15 @@ class Dispatcher:
 
     def _run_again(self, prediction_id: str) -> bool:
         """With `retry_on_restart`, a prediction whose worker died goes back to the queue's front, once."""
-        row = self.store.prediction(prediction_id)
+        row = self._write(f"the retry of {prediction_id}", lambda: self.store.prediction(prediction_id))
         if not self.config.retry_on_restart or row is None or row.attempts >= 2 or row.cancel_requested:
             return False
         line = "the worker process died while this prediction ran; running it again\n"
-        again = self.store.transition(
-            prediction_id, {RUNNING}, status=QUEUED, started_at=None, logs=row.logs + line
+        again = self._write(
+            f"the retry of {prediction_id}",
+            lambda: self.store.transition(
+                prediction_id, {RUNNING}, status=QUEUED, started_at=None, logs=PredictionRow.logs + line
+            ),
         )
         if again is not None:
             log.warning("prediction %s: its worker died; running it again", prediction_id)
@@ -237,26 +262,38 @@ class Dispatcher:
     def finish(
         self, prediction_id: str, *, status: Status, log_line: str | None = None, **changes: Any
     ) -> None:
-        current = self.store.prediction(prediction_id)
+        """End a prediction with `status` if it has not ended yet (compare-and-set), retried until stored."""
+        what = f"the outcome of {prediction_id} ({status})"
+        current = self._write(what, lambda: self.store.prediction(prediction_id))
         if current is None:
             return
-        logs = current.logs + (log_line + "\n" if log_line else "")
         if "predict_time" not in changes and current.started_at is not None:
             changes["predict_time"] = (utcnow() - current.started_at).total_seconds()
-        row = self.store.transition(
-            prediction_id, {QUEUED, RUNNING}, status=status, completed_at=utcnow(), logs=logs, **changes
+        if log_line:
+            changes["logs"] = PredictionRow.logs + log_line + "\n"
+        row = self._write(
+            what,
+            lambda: self.store.transition(
+                prediction_id, {QUEUED, RUNNING}, status=status, completed_at=utcnow(), **changes
+            ),
         )
-        if row is None:  # already ended (a late report after a restart); keep what was decided
-            if status == SUCCEEDED:
-                self.config.output_path(prediction_id).unlink(missing_ok=True)
+        if row is None:  # it had ended already (canceled meanwhile, or a late report): what was decided stays
+            if status == SUCCEEDED and current.status != SUCCEEDED:
+                self.config.output_path(prediction_id).unlink(missing_ok=True)  # nobody will serve it
             return
         self.ended(row)
         self.kick()
 
     def ended(self, row: PredictionRow) -> None:
-        """What follows a prediction's end: its inputs go, waiting requests wake, the terminal webhook."""
+        """What follows a prediction's end: its inputs go, waiting requests wake, the terminal webhook.
+
+        Never raises: the end is already recorded, so a caller (a cancel) has succeeded whatever follows.
+        An input file that cannot be removed now is removed at the next start."""
         for field in IMAGE_FIELDS:
-            self.config.input_path(row.id, field).unlink(missing_ok=True)
+            try:
+                self.config.input_path(row.id, field).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("prediction %s: could not remove its %s input (%s)", row.id, field, exc)
         self.metrics.ended(row)
         with self._lock:
             waiters = list(self._waiters.get(row.id, []))
@@ -277,7 +314,14 @@ class Dispatcher:
         if not row.webhook or event not in row.webhook_events_filter:
             return
         body = _json(prediction_body(row, self.config.base_url(row.base_url)))
-        self.webhooks.send(row.id, row.webhook, event, body, terminal=terminal)
+        self.webhooks.send(row.id, row.owner, row.webhook, event, body, terminal=terminal)
+
+    @staticmethod
+    def _readable(path: Any) -> bool:
+        try:
+            return path.is_file()
+        except OSError:
+            return False
 
     def _progress_body(self, prediction_id: str) -> str | None:
         row = self.store.prediction(prediction_id)

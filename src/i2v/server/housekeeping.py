@@ -9,8 +9,9 @@ from datetime import datetime, timedelta
 from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .bodies import BodyBudget
 from .config import ServerConfig
 from .files import Files
 from .runner import Runner, RunnerState
@@ -27,8 +28,8 @@ class Metrics:
     """Counters kept as predictions end, and gauges read from the store at scrape time (right across
     restarts)."""
 
-    def __init__(self, store: Store, runner: Runner) -> None:
-        self.store, self.runner = store, runner
+    def __init__(self, store: Store, runner: Runner, bodies: BodyBudget | None = None) -> None:
+        self.store, self.runner, self.bodies = store, runner, bodies
         self.registry = CollectorRegistry()
         self._predict_time = Histogram(
             "i2v_predict_time_seconds",
@@ -67,7 +68,15 @@ class Metrics:
         state = self.runner.state()
         for name in RUNNER_STATES:
             ready.add_metric([name], 1 if name == state else 0)
-        yield from (queue, by_status, ready)
+        retries = CounterMetricFamily(
+            "i2v_store_write_retries", "Background writes tried again because the database refused them"
+        )
+        retries.add_metric([], self.store.write_retries)
+        yield from (queue, by_status, ready, retries)
+        if self.bodies is not None:
+            held = GaugeMetricFamily("i2v_request_body_bytes", "Bytes of request bodies held in memory now")
+            held.add_metric([], self.bodies.held)
+            yield held
 
     def describe(self) -> list[Any]:
         return []
