@@ -29,7 +29,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -39,6 +39,8 @@ from .errors import I2VError
 from .parsing import Bytes, CommaList
 from .request import MODES, Mode
 from .speed import PRESETS, SPEED_FLAGS, RequestPreset, Speed
+
+LongClips = Literal["one-sequence", "extend"]
 
 TINY_PREFIX = "tiny-"  # `tiny-<backend>`: the backend's tiny random-weight twin (i2v.backends.resolve)
 DEFAULT_MODELS: dict[Mode, str] = {"standard": "wan2.2-ti2v-5b", "pro": "ltx-2"}
@@ -222,6 +224,7 @@ class Settings(EnvSettings):
         "I2V_EXTRA_BACKENDS": ("extra_backends",),
         "I2V_MODEL": ("served_model",),
         "I2V_MIN_FREE_DISK": ("min_free_disk",),
+        "I2V_LONG_CLIPS": ("long_clips",),
     }
 
     cache_dir: Path = Path("~/.cache/i2v")
@@ -244,6 +247,8 @@ class Settings(EnvSettings):
     served_model: str | None = None
     # Free space a download of weights leaves on the HF cache's disk, at least (`20GB`, `500MB`, `0`).
     min_free_disk: Bytes = 10**9
+    # 10 s clips in one sequence, or as 5 s clips each from the last frame of the one before (i2v.long_clips).
+    long_clips: LongClips = "one-sequence"
 
     @classmethod
     def file_sources(cls) -> tuple[PydanticBaseSettingsSource, ...]:
