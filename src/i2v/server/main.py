@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import I2VError
 from ..settings import Settings
 from .config import ServerConfig
-from .store import DataDirLock
+from .store import DataDirLock, Store, check_shared_data_dir
 
 KEEP_ALIVE_S = 75
 
@@ -25,8 +25,12 @@ def serve(
     try:
         config = ServerConfig.from_env(host=host, port=port, model=model, data_dir=data_dir, no_auth=no_auth)
         Settings()  # the engine's settings too (the workers read them): a bad one stops the start here
-        # SQLite mode: one server per data dir (held until this process ends, however it ends).
-        lock = DataDirLock(config.data_dir)
+        # SQLite mode: one server per data dir (held until this process ends, however it ends). On
+        # PostgreSQL several servers share the database, and so the data dir's files too.
+        lock = None if config.shared_database else DataDirLock(config.data_dir)
+        store = Store(config.store_url)  # the schema upgraded here; an unreachable database stops us
+        if store.shared:
+            check_shared_data_dir(store, config.data_dir)
     except I2VError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -41,7 +45,7 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not every fetch and webhook URL in the log
     if config.no_auth:
         logging.getLogger(__name__).warning("serving WITHOUT authentication on %s", config.host)
-    app = create_app(config)
+    app = create_app(config, store=store)
     # Keep idle connections longer than the usual 60 s of load balancers and client pools: a server that
     # drops them first makes a client's next request on that connection fail with a reset.
     uvicorn.run(
@@ -52,5 +56,6 @@ def serve(
         proxy_headers=True,
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    lock.release()
+    if lock is not None:
+        lock.release()
     return 0
