@@ -22,6 +22,12 @@ def serve(
     data_dir: Path | None,
     no_auth: bool,
 ) -> int:
+    # force: the CLI configured logging for one-shot commands (warnings only); a server says more
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not every fetch and webhook URL in the log
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the store says what an upgrade changed
     try:
         config = ServerConfig.from_env(host=host, port=port, model=model, data_dir=data_dir, no_auth=no_auth)
         Settings()  # the engine's settings too (the workers read them): a bad one stops the start here
@@ -38,11 +44,6 @@ def serve(
 
     from .app import create_app
 
-    # force: the CLI configured logging for one-shot commands (warnings only); a server says more
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not every fetch and webhook URL in the log
     if config.no_auth:
         logging.getLogger(__name__).warning("serving WITHOUT authentication on %s", config.host)
     app = create_app(config, store=store)

@@ -90,6 +90,10 @@ class DataDirInUse(I2VError):
     """Another server holds the data dir's lock."""
 
 
+class _OverLimit(Exception):
+    """Undoes a create over the queue limit (the session rolls back)."""
+
+
 class DataDirNotShared(I2VError):
     """Servers on one database with different data dirs: one's inputs and outputs are not the other's."""
 
@@ -284,15 +288,19 @@ class Store:
     def add_prediction(self, row: PredictionRow, max_unfinished: int = 0) -> bool:
         """Queue a prediction unless its owner already has `max_unfinished` waiting or running (0: no
         limit); False when the limit refused it. The count and the insert are one step for every server:
-        this process's lock, and on PostgreSQL an advisory lock per owner held to the commit."""
-        with self._create_lock, self.session() as s:
-            if max_unfinished:
-                if self.shared:
+        on PostgreSQL an advisory lock per owner is held to the commit; on SQLite the insert comes first,
+        taking the one write lock, so the count after it sees every other create (over the limit: undone)."""
+        try:
+            with self._create_lock, self.session() as s:
+                if max_unfinished and self.shared:
                     s.execute(select(func.pg_advisory_xact_lock(LIMIT_LOCKS, _key32(row.owner))))
-                if self._unfinished(s, row.owner) >= max_unfinished:
-                    return False
-            s.add(row)
-            self._announce(s, "queued", row.id)
+                s.add(row)
+                s.flush()
+                if max_unfinished and self._unfinished(s, row.owner) > max_unfinished:
+                    raise _OverLimit
+                self._announce(s, "queued", row.id)
+        except _OverLimit:
+            return False
         return True
 
     def prediction(self, prediction_id: str, owner: str | None = None) -> PredictionRow | None:
