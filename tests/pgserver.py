@@ -54,7 +54,9 @@ class PostgresServer:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         )
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+            self._run(
+                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
+            )
         except subprocess.CalledProcessError:
             raise RuntimeError(f"PostgreSQL did not start:\n{self.log_text()}") from None
 
