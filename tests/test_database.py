@@ -8,9 +8,13 @@ Two `Store`s on one database stand for two servers (each its own engine, pool an
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 import queue
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -377,3 +381,43 @@ def test_a_server_that_cannot_reach_its_database_stops_with_one_line(tmp_path, p
     log = server.log()
     assert "error: could not open the database postgresql+psycopg://i2v:***@127.0.0.1" in log
     assert "secret" not in log and "Traceback" not in log
+
+
+def test_i2v_migrate_upgrades_ahead_of_a_start_and_says_where_it_is(pg_url, tmp_path):
+    env = {**os.environ, "I2V_DATABASE_URL": pg_url}
+    command = [sys.executable, "-m", "i2v", "migrate", "--data-dir", str(tmp_path)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and first.stdout.endswith(": upgraded from empty to 0002\n"), first
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.endswith(": at 0002, the newest\n"), again
+
+
+def test_client_text_with_nul_is_stored_and_read_back_on_postgresql(pg_url, tmp_path):
+    """PostgreSQL's text cannot hold NUL (SQLite's can): a NUL in an unknown input key (the logs name it), a
+    webhook URL or a file's name and type is stored as U+FFFD there, never a 500; JSON inputs keep it."""
+    from fastapi.testclient import TestClient
+    from test_hardening_parts import IdleRunnerForTests
+
+    from i2v.server.app import create_app
+
+    config = ServerConfig(data_dir=tmp_path, tokens=("t",), database_url=pg_url, fetch_allow=("127.0.0.1",))
+    client = TestClient(
+        create_app(config, runner=IdleRunnerForTests()), headers={"authorization": "Bearer t"}
+    )
+    image = make_image(400, 300)
+    start = "data:image/png;base64," + base64.b64encode(image).decode()
+    body = {
+        "input": {"prompt": "a\x00b", "start_image": start, "odd\x00key": 1},
+        "webhook": "http://127.0.0.1:9/a\x00b",
+    }
+    created = client.post("/v1/models/kwaivgi/kling-v2.1/predictions", json=body)
+    assert created.status_code == 201, created.text
+    read = client.get(f"/v1/predictions/{created.json()['id']}").json()
+    assert read["input"]["prompt"] == "a\x00b" and "odd\ufffdkey" in read["logs"]
+    upload = client.post(
+        "/v1/files",
+        files={"content": ("x.png", image, "image/png")},
+        data={"filename": "na\x00me.png", "type": "image/p\x00ng"},
+    )
+    assert upload.status_code == 201, upload.text
+    assert client.get(f"/v1/files/{upload.json()['id']}").json()["name"] == "na\ufffdme.png"

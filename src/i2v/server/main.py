@@ -6,10 +6,13 @@ import logging
 import sys
 from pathlib import Path
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from ..errors import I2VError
 from ..settings import Settings
+from . import migrations
 from .config import ServerConfig
-from .store import DataDirLock, Store, check_shared_data_dir
+from .store import DataDirLock, StorageError, Store, check_shared_data_dir, open_engine, shown
 
 KEEP_ALIVE_S = 75
 
@@ -56,6 +59,36 @@ def serve(
         log_level="info",
         proxy_headers=True,
         timeout_keep_alive=KEEP_ALIVE_S,
+    )
+    if lock is not None:
+        lock.release()
+    return 0
+
+
+def migrate(*, data_dir: Path | None, sql: bool, since: str | None) -> int:
+    """`i2v migrate`: the database `i2v serve` would open, brought to the newest schema now (or its SQL)."""
+    try:
+        # the database's settings only: no token is needed to migrate
+        config = ServerConfig.from_env(data_dir=data_dir, no_auth=True)
+        if sql:
+            print(migrations.upgrade_sql(config.store_url, since), end="")
+            return 0
+        lock = None if config.shared_database else DataDirLock(config.data_dir)  # not under a running server
+        engine = open_engine(config.store_url)
+        try:
+            before, after = migrations.upgrade(engine)
+        except (OperationalError, InterfaceError) as exc:
+            raise StorageError(f"could not open the database {shown(config.store_url)}: {exc.orig}") from None
+        finally:
+            engine.dispose()
+    except I2VError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    where = shown(config.store_url)
+    print(
+        f"{where}: upgraded from {before or 'empty'} to {after}"
+        if before != after
+        else f"{where}: at {after}, the newest"
     )
     if lock is not None:
         lock.release()

@@ -50,6 +50,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     create_engine,
     event,
     func,
@@ -58,7 +59,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -103,6 +104,20 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+class AnyText(TypeDecorator[str]):
+    """TEXT that takes any string: PostgreSQL's text cannot hold NUL (SQLite's can), so there a NUL that came
+    in with a client's text (an unknown input key in the logs, a file name, a webhook URL, an error quoting
+    them) is stored as U+FFFD instead of failing the write. JSON columns keep it (escaped, as JSON does)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -117,16 +132,16 @@ class PredictionRow(Base):
     input: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[Status] = mapped_column(String(16), index=True)
     output: Mapped[str | None] = mapped_column(String(300), default=None)  # file name under outputs/
-    logs: Mapped[str] = mapped_column(Text, default="")
-    error: Mapped[str | None] = mapped_column(Text, default=None)
+    logs: Mapped[str] = mapped_column(AnyText, default="")
+    error: Mapped[str | None] = mapped_column(AnyText, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
     predict_time: Mapped[float | None] = mapped_column(Float, default=None)
     data_removed: Mapped[bool] = mapped_column(Boolean, default=False)
-    webhook: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook: Mapped[str | None] = mapped_column(AnyText, default=None)
     webhook_events_filter: Mapped[list[str]] = mapped_column(JSON, default=list)
-    base_url: Mapped[str] = mapped_column(Text)  # the origin the client used; for URLs in webhooks
+    base_url: Mapped[str] = mapped_column(AnyText)  # the origin the client used; for URLs in webhooks
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     owner: Mapped[str] = mapped_column(String(64), default="", index=True)  # limits.token_owner of its token
@@ -138,8 +153,8 @@ class FileRow(Base):
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
-    name: Mapped[str] = mapped_column(Text)
-    content_type: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(AnyText)
+    content_type: Mapped[str] = mapped_column(AnyText)
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     md5: Mapped[str] = mapped_column(String(32))
@@ -157,15 +172,15 @@ class DeliveryRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True, index=True)  # the webhook-id header
     prediction_id: Mapped[str] = mapped_column(String(40), index=True)
-    url: Mapped[str] = mapped_column(Text)
+    url: Mapped[str] = mapped_column(AnyText)
     event: Mapped[str] = mapped_column(String(16))
     terminal: Mapped[bool] = mapped_column(Boolean)
-    body: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(AnyText)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending|delivered|failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     owner: Mapped[str] = mapped_column(String(64), default="")  # whose secret signs it
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
-    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    last_error: Mapped[str | None] = mapped_column(AnyText, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     claimed_by: Mapped[int | None] = mapped_column(BigInteger, default=None)  # the sending server's key
 
@@ -186,7 +201,7 @@ class SharedValue(Base):
     __tablename__ = "shared_values"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+    value: Mapped[str] = mapped_column(AnyText)
 
 
 def open_engine(url: str) -> Engine:
