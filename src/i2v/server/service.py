@@ -133,6 +133,9 @@ class Service:
         """What messages may have said while the connection was down, read from the rows."""
         self.dispatcher.kick()
         self.dispatcher.wake()
+        self._cancel_requested_here()
+
+    def _cancel_requested_here(self) -> None:
         for prediction_id in self.store.cancels_requested_here():
             self.runner.cancel(prediction_id)
 
@@ -144,7 +147,7 @@ class Service:
                     self._recover(lost, "a server stopped")
                     if adopted := self.webhooks.adopt(lost):
                         log.warning("a server stopped: %d of its webhook(s) are sent from here", adopted)
-                self._look_again()
+                self._cancel_requested_here()  # should a cancel's message have been missed
             except StorageError as exc:
                 log.warning("the sweep for stopped servers could not read the database (%s)", exc)
             except Exception:
