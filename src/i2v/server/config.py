@@ -79,6 +79,9 @@ class ServerConfig(EnvSettings):
     - metrics_token: the credential of `/metrics` (`I2V_METRICS_TOKEN`); API tokens cannot read it.
     - trusted_hosts: the Host names requests may carry (`I2V_TRUSTED_HOSTS`, `*.example.com` allowed);
       others get 400. URLs are built from the Host when no public URL is set.
+    - database_url: where predictions, files and webhooks are recorded (`I2V_DATABASE_URL`): unset, SQLite
+      in the data dir (one server); `postgresql+psycopg://user:password@host/db` lets several servers
+      share it (docs/deploy.md). `postgresql://` and `postgres://` mean psycopg too.
     """
 
     ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
@@ -104,6 +107,7 @@ class ServerConfig(EnvSettings):
         "I2V_BODY_MEMORY": ("body_memory",),
         "I2V_METRICS_TOKEN": ("metrics_token",),
         "I2V_TRUSTED_HOSTS": ("trusted_hosts",),
+        "I2V_DATABASE_URL": ("database_url",),
     }
     error: ClassVar[type[Exception]] = ConfigError
 
@@ -134,6 +138,7 @@ class ServerConfig(EnvSettings):
     body_memory: Limit = DEFAULT_BODY_MEMORY
     metrics_token: str | None = None
     trusted_hosts: CommaList = ()
+    database_url: str | None = None
 
     @classmethod
     def from_env(
@@ -168,6 +173,24 @@ class ServerConfig(EnvSettings):
         value = (value or "").strip().rstrip("/") or None
         if value and not _ORIGIN.match(value):
             raise ValueError(f"expected an http(s) origin like https://video.example.com, got {value!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            raise ValueError("expected a URL like postgresql+psycopg://user:password@host:5432/i2v")
+        if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+            return f"postgresql+psycopg://{rest}"  # psycopg 3, a dependency of i2v (no build needed)
+        if scheme != "sqlite":
+            raise ValueError(
+                f"{scheme}:// is not supported: use postgresql+psycopg://... (several servers) or "
+                "sqlite:///path/i2v.db (one server; the default is the data dir's)"
+            )
         return value
 
     @field_validator("devices", mode="before")
@@ -217,6 +240,16 @@ class ServerConfig(EnvSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "i2v.db"
+
+    @property
+    def store_url(self) -> str:
+        """The database the store opens: `database_url`, else SQLite in the data dir."""
+        return self.database_url or f"sqlite:///{self.db_path}"
+
+    @property
+    def shared_database(self) -> bool:
+        """Whether other servers may use the same database (PostgreSQL), so nothing may assume it is alone."""
+        return not self.store_url.startswith("sqlite")
 
     @property
     def files_dir(self) -> Path:

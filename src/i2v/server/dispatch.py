@@ -9,6 +9,10 @@ Each status change is the store's compare-and-set, so a prediction ends once: wh
 worker's outcome, a restart's recovery) calls `ended`, and a loser changes nothing. The writes that follow
 runner events are retried until they land (`Store.until_written`): a full disk delays an outcome, never
 loses it.
+
+With several servers on one database the start is a claim (`Store.claim_next`), a worker's outcome lands
+only while its server still holds the claim, and a prediction that ends on another server wakes the
+requests waiting here through `wake` (the service hears of it from `peers`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RECHECK_S = 5.0  # a waiting request reads its prediction again this often, should a wake-up be lost
 
 
 class Dispatcher:
@@ -115,17 +120,9 @@ class Dispatcher:
         return self.store.until_written(what, write)
 
     def _dispatch_one(self) -> bool:
-        queued = self._write("the queue", self.store.next_queued)
-        if queued is None:
+        row = self._write("the start of the next prediction", self.store.claim_next)
+        if row is None:
             return False
-        row = self._write(
-            f"the start of {queued.id}",
-            lambda: self.store.transition(
-                queued.id, {QUEUED}, status=RUNNING, started_at=utcnow(), attempts=queued.attempts + 1
-            ),
-        )
-        if row is None:  # canceled meanwhile
-            return True
         try:
             job = self._job(row)
         except ValueError as exc:
@@ -161,13 +158,15 @@ class Dispatcher:
     async def wait(self, prediction_id: str, timeout: float) -> PredictionRow | None:
         """The prediction once it has ended, or as it is when `timeout` seconds have passed."""
         loop, done = asyncio.get_running_loop(), asyncio.Event()
+        deadline = loop.time() + timeout
         with self._lock:
             self._waiters.setdefault(prediction_id, []).append((loop, done))
         try:
             row = await asyncio.to_thread(self.store.prediction, prediction_id)
-            if row is not None and row.status not in TERMINAL:
+            while row is not None and row.status not in TERMINAL and (left := deadline - loop.time()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), timeout)
+                    await asyncio.wait_for(done.wait(), min(left, RECHECK_S))
+                done.clear()
                 row = await asyncio.to_thread(self.store.prediction, prediction_id)
             return row
         finally:
@@ -175,6 +174,13 @@ class Dispatcher:
                 self._waiters[prediction_id].remove((loop, done))
                 if not self._waiters[prediction_id]:
                     del self._waiters[prediction_id]
+
+    def wake(self, prediction_id: str | None = None) -> None:
+        """Requests waiting on `prediction_id` (all, with None) read it again: it ended, maybe elsewhere."""
+        with self._lock:
+            waiters = [w for key, ws in self._waiters.items() if prediction_id in (None, key) for w in ws]
+        for loop, done in waiters:
+            loop.call_soon_threadsafe(done.set)
 
     # cancels
 
@@ -251,7 +257,13 @@ class Dispatcher:
         again = self._write(
             f"the retry of {prediction_id}",
             lambda: self.store.transition(
-                prediction_id, {RUNNING}, status=QUEUED, started_at=None, logs=PredictionRow.logs + line
+                prediction_id,
+                {RUNNING},
+                held_by=self.store.claimant,
+                status=QUEUED,
+                started_at=None,
+                claimed_by=None,
+                logs=PredictionRow.logs + line,
             ),
         )
         if again is not None:
@@ -274,7 +286,12 @@ class Dispatcher:
         row = self._write(
             what,
             lambda: self.store.transition(
-                prediction_id, {QUEUED, RUNNING}, status=status, completed_at=utcnow(), **changes
+                prediction_id,
+                {RUNNING},
+                held_by=self.store.claimant,  # a claim another server recovered is no longer ours to end
+                status=status,
+                completed_at=utcnow(),
+                **changes,
             ),
         )
         if row is None:  # it had ended already (canceled meanwhile, or a late report): what was decided stays
@@ -295,10 +312,7 @@ class Dispatcher:
             except OSError as exc:
                 log.warning("prediction %s: could not remove its %s input (%s)", row.id, field, exc)
         self.metrics.ended(row)
-        with self._lock:
-            waiters = list(self._waiters.get(row.id, []))
-        for loop, done in waiters:
-            loop.call_soon_threadsafe(done.set)
+        self.wake(row.id)
         self._told_waiting.discard(row.id)
         if row.webhook:
             # The single output (the mp4) exists only at the end, so `output` and `completed` coincide: one
