@@ -20,6 +20,7 @@ from diffusers import (
 )
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from ..footprint import Component
 from ..geometry import Grid
 from .base import BackendSpec, device_dtype
 from .tiny_parts import tiny_umt5
@@ -53,16 +54,26 @@ class WanFLF2V(WanTI2V):
         modes=("standard", "pro"),
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=16)
+    components = (
+        *WanTI2V.components[:2],
+        # The VAE and the CLIP image encoder stay float32, as in Wan's own inference code.
+        Component("vae", AutoencoderKLWan, "vae", role="vae", float32=True),
+        Component("image_encoder", CLIPVisionModel, "image_encoder", float32=True, phase="encode"),
+    )
+    configs = "wan2.1-flf2v-14b"
+    encodes_whole_clip = True
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
         # The VAE and the CLIP image encoder stay float32, as in Wan's own inference code.
-        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", dtype=torch.float32)
-        image_encoder = CLIPVisionModel.from_pretrained(
+        vae = self.shared.get("vae") or AutoencoderKLWan.from_pretrained(
+            self.spec.source, subfolder="vae", dtype=torch.float32
+        )
+        image_encoder = self.shared.get("image_encoder") or CLIPVisionModel.from_pretrained(
             self.spec.source, subfolder="image_encoder", dtype=torch.float32
         )
         pipe = FLF2VPipeline.from_pretrained(
-            self.spec.source, vae=vae, image_encoder=image_encoder, dtype=dtype
+            self.spec.source, **{**self.shared, "vae": vae, "image_encoder": image_encoder}, dtype=dtype
         )
         self.prepare(pipe)  # FLF2V's sampling shift on the UniPC scheduler, as for TI2V
 
