@@ -8,7 +8,8 @@
 
 The executor (`i2v.executors`) owns the loaded backends: in this process on one device, or across a
 device group (`i2v.parallel`); `Engine(device=...)` picks it from the device spec. Pipelines load once
-per backend and stay resident across requests.
+per backend and stay loaded across requests, on the device while its memory budget allows (the executor
+moves idle ones to CPU memory when another needs the room; `i2v.residency`).
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ class Engine:
             return BackendKey("tiny-" + configured.partition("=")[0])
         return BackendKey(self.model)  # one explicit model serves every mode and preset
 
-    def backend(self, mode: Mode, preset: RequestPreset = "default") -> Backend:
+    def backend(
+        self, mode: Mode, preset: RequestPreset = "default", report: Reporter | None = None
+    ) -> Backend:
         """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
         key = self.key(mode, preset)
         _, spec = self.executor.spec(key)
@@ -134,7 +137,7 @@ class Engine:
             log.warning(
                 "%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode
             )
-        return self.executor.backend(key)
+        return self.executor.backend(key, report)
 
     def warm_up(self, modes: tuple[Mode, ...] = ("standard", "pro")) -> dict[str, float]:
         """Load each mode's model and run a short clip through it (compiles, tunes kernels); seconds per mode.
@@ -175,7 +178,7 @@ class Engine:
         clock = time.perf_counter()
         preset = self.preset(request)
         key = self.key(request.mode, preset)
-        backend = self.backend(request.mode, preset)
+        backend = self.backend(request.mode, preset, report)
         spec = backend.spec
         if end is not None and not spec.takes_end_frame:
             raise InputError(

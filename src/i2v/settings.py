@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .devices import device_group
 from .errors import I2VError
-from .parsing import CommaList
+from .parsing import Bytes, BytesOrOff, CommaList
 from .request import MODES, Mode
 from .speed import PRESETS, SPEED_FLAGS, Speed
 
@@ -220,6 +220,8 @@ class Settings(EnvSettings):
         "I2V_FETCH_ALLOW": ("fetch_allow",),
         "I2V_EXTRA_BACKENDS": ("extra_backends",),
         "I2V_MODEL": ("served_model",),
+        "I2V_GPU_MEMORY": ("gpu_memory",),
+        "I2V_OFFLOAD_MEMORY": ("offload_memory",),
     }
 
     cache_dir: Path = Path("~/.cache/i2v")
@@ -240,6 +242,12 @@ class Settings(EnvSettings):
     extra_backends: CommaList = ()
     # The model `i2v serve` and the Cog predictor run unless told otherwise (`--model`).
     served_model: str | None = None
+    # The device memory models and activations may use (`40GB`, to share a GPU); None: the device's free
+    # memory when the engine starts (no limit on a CPU). See i2v.residency and docs/memory.md.
+    gpu_memory: Bytes = None
+    # Host memory idle models may be moved to (pinned on CUDA) instead of being dropped; 0: always drop;
+    # None: what the host has available at the time, less a margin.
+    offload_memory: BytesOrOff = None
 
     @classmethod
     def file_sources(cls) -> tuple[PydanticBaseSettingsSource, ...]:
