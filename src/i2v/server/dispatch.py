@@ -1,8 +1,11 @@
-"""From the queue to the runner and back: jobs out to free slots, events in as status changes.
+"""From the queue to the runner and back: jobs out to free workers, events in as status changes.
 
-Predictions wait in the store (status `starting`) and go to the runner oldest first whenever it has a free
-slot, each as a `Job` with its request and the image bytes checked at create. Runner events update the
-store, wake `Prefer: wait` requests and send webhooks.
+Predictions wait in the store (status `starting`) and go to the runner as `Job`s with their request and
+the image bytes checked at create. The queue is FIFO within each mode: only the oldest queued prediction
+of a mode may go, and it goes to a free worker that serves its mode and fits it (`WorkerView.can_run`),
+preferring one that already holds its model, so mixed traffic does not make one GPU swap models while
+another sits idle; a mode whose workers are all busy never holds up another mode. Runner events update
+the store, wake `Prefer: wait` requests and send webhooks.
 """
 
 from __future__ import annotations
@@ -16,10 +19,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..request import IMAGE_FIELDS, ImageField, KlingRequest
+from ..request import IMAGE_FIELDS, MODES, ImageField, KlingRequest
+from .admission import refusal
 from .config import ServerConfig
 from .housekeeping import Metrics
-from .runner import Canceled, Event, Failed, Job, Log, Runner, Started, StateChanged, Succeeded
+from .runner import (
+    Canceled,
+    Capacity,
+    Event,
+    Failed,
+    Holding,
+    Job,
+    Log,
+    Runner,
+    Started,
+    StateChanged,
+    Succeeded,
+    WorkerView,
+)
 from .schemas import prediction_body
 from .states import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Status, WebhookEvent
 from .store import PredictionRow, Store, utcnow
@@ -50,7 +67,7 @@ class Dispatcher:
         while not stopping.is_set():
             self._pending.clear()  # before looking, so a kick during the look is not lost
             try:
-                while self.runner.free_slots() > 0 and self._dispatch_one():
+                while self._dispatch_round():
                     pass
             except Exception:
                 log.exception("dispatch failed")
@@ -59,10 +76,30 @@ class Dispatcher:
     def stop(self) -> None:
         self._pending.set()
 
-    def _dispatch_one(self) -> bool:
-        queued = self.store.next_queued()
-        if queued is None:
+    def _dispatch_round(self) -> bool:
+        """Send one queued prediction to a free worker; False when there is nothing to send now."""
+        workers = self.runner.workers()
+        free = [w for w in workers if w.free]
+        if not free:
             return False
+        heads: list[tuple[PredictionRow, KlingRequest | None]] = []
+        for mode in MODES:
+            if (row := self.store.next_queued(mode)) is not None:
+                heads.append((row, _request(row)))
+        heads.sort(key=lambda head: head[0].seq)
+        for row, request in heads:
+            problem = refusal(request, workers) if request is not None else None
+            if problem is not None:  # queued before the workers said what they hold: it can never run
+                self.finish(row.id, status=FAILED, error=f"{problem.field}: {problem.description}")
+                return True
+        choice = choose_worker(heads, workers)
+        if choice is None:
+            return False
+        queued, worker = choice
+        self._dispatch_one(queued, worker)
+        return True
+
+    def _dispatch_one(self, queued: PredictionRow, worker: WorkerView) -> bool:
         row = self.store.transition(
             queued.id, {QUEUED}, status=RUNNING, started_at=utcnow(), attempts=queued.attempts + 1
         )
@@ -74,7 +111,8 @@ class Dispatcher:
             self.finish(row.id, status=FAILED, error=str(exc))
             return True
         self._webhook(row, "start")
-        self.runner.submit(job)
+        self.store.append_log(row.id, f"running on worker {worker.name}")
+        self.runner.submit(job, worker.index)
         if (latest := self.store.prediction(row.id)) and latest.cancel_requested:
             self.runner.cancel(row.id)  # a cancel that came between the queue and the worker
         return True
@@ -145,8 +183,8 @@ class Dispatcher:
                 if state == "SETUP_FAILED":
                     log.error("worker setup failed: %s", detail)
                 self.kick()
-            case Started():
-                pass  # the dispatcher already marked it processing
+            case Started() | Capacity() | Holding():
+                pass  # the dispatcher already marked it processing; the runner keeps what workers hold
             case Log(prediction_id, line):
                 row = self.store.append_log(prediction_id, line)
                 if row is not None and row.webhook and "logs" in row.webhook_events_filter:
@@ -237,6 +275,51 @@ class Dispatcher:
         if row is None or row.status in TERMINAL:
             return None
         return _json(prediction_body(row, self.config.base_url(row.base_url)))
+
+
+def _request(row: PredictionRow) -> KlingRequest | None:
+    try:
+        return KlingRequest.model_validate(row.input)
+    except ValidationError:
+        return None  # `_job` fails it with the reason
+
+
+def choose_worker(
+    heads: list[tuple[PredictionRow, KlingRequest | None]], workers: tuple[WorkerView, ...]
+) -> tuple[PredictionRow, WorkerView] | None:
+    """Which queued head goes to which free worker. Oldest head first, to a free worker that already
+    holds its model if there is one, else to the free worker able to run it whose models the other
+    heads need least. One exception: a head whose model a busy worker holds waits for it (it is next
+    there) while a younger head's model is held by a free worker, which takes that one instead, so two
+    models do not swap places on two GPUs."""
+    free = [w for w in workers if w.free]
+    busy = [w for w in workers if not w.free]
+
+    def holder(request: KlingRequest | None) -> WorkerView | None:
+        return next(
+            (w for w in free if request is None or (w.can_run(request) and w.holds_model_for(request))), None
+        )
+
+    holders = [holder(request) for _, request in heads]
+    for index, (row, request) in enumerate(heads):
+        if holders[index] is not None:
+            return row, holders[index]  # type: ignore[return-value]
+        assert request is not None  # a head that does not validate has a holder (any free worker)
+        able = [w for w in free if w.can_run(request)]
+        if not able:
+            continue
+        held_by_busy = any(w.can_run(request) and w.holds_model_for(request) for w in busy)
+        if held_by_busy and any(h is not None for h in holders[index + 1 :]):
+            continue
+        needed = {
+            offer.model
+            for _, other in heads
+            if other is not None and other is not request
+            for w in free
+            if (offer := w.offer(other)) is not None
+        }
+        return row, min(able, key=lambda w: (len(set(w.holds) & needed), w.index))
+    return None
 
 
 def _json(body: dict[str, Any]) -> str:

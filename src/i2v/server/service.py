@@ -19,14 +19,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeVar
 
+from ..parsing import format_bytes
+from .admission import refusal
 from .config import ServerConfig
 from .dispatch import Dispatcher
 from .files import Files, new_id
 from .housekeeping import Metrics, Retention
 from .intake import Intake
 from .limits import RateLimiter
-from .runner import Runner
-from .schemas import APIError, CreatePrediction, not_found
+from .runner import Runner, WorkerView
+from .schemas import APIError, CreatePrediction, invalid, not_found
 from .states import QUEUED
 from .store import FileRow, PredictionRow, Store, utcnow
 from .webhooks import WebhookSender, load_secret
@@ -149,6 +151,9 @@ class Service:
         self, model: str, version: str, body: CreatePrediction, base: str, owner: str = ""
     ) -> PredictionRow:
         checked = self.intake.check(body)
+        # Refused at once when no worker can ever run it, never queued to fail later.
+        if (problem := refusal(checked.request, self.runner.workers())) is not None:
+            raise invalid("Input validation failed", [problem])
         self._check_rate(self.create_limit, owner, "predictions")
         self._check_unfinished(owner)  # before fetching images; again, exactly, when the row goes in
         images = self.intake.images(checked.request, base, owner)
@@ -261,6 +266,9 @@ class Service:
         body: dict[str, Any] = {"status": state, "queue_depth": self.store.counts_by_status()[QUEUED]}
         if state == "SETUP_FAILED":
             body["setup"] = {"status": "failed", "logs": self.runner.setup_error()}
+        workers = self.runner.workers()
+        if workers:
+            body["workers"] = [_worker_health(w) for w in workers]
         return body
 
     def metrics_text(self) -> bytes:
@@ -295,6 +303,29 @@ class Service:
             next_cursor=_cursor({"a": rows[-1].seq}) if older else None,
             previous_cursor=_cursor({"b": rows[0].seq}) if newer else None,
         )
+
+
+def _worker_health(worker: WorkerView) -> dict[str, Any]:
+    """One worker in /health-check: its device and modes, its budget, what it can serve and holds."""
+    body: dict[str, Any] = {"worker": worker.name, "state": worker.state, "modes": list(worker.modes)}
+    capacity = worker.capacity
+    if capacity is not None:
+        budget = capacity.budget_bytes
+        body["memory_budget"] = format_bytes(budget) if budget is not None else None
+        body["serves"] = [
+            {
+                "mode": o.mode,
+                "preset": o.preset,
+                "model": o.model,
+                "placement": o.placement,
+                "durations": list(o.durations),
+                "peak_memory": format_bytes(o.peak_bytes),
+                **({"reason": o.reason} if o.reason else {}),
+            }
+            for o in capacity.offers
+        ]
+        body["holds"] = list(worker.holds)
+    return body
 
 
 def _cursor(value: dict[str, int]) -> str:

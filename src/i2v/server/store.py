@@ -30,7 +30,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from ..request import KlingRequest
 from .states import FAILED, QUEUED, RUNNING, STATUSES, UNFINISHED, Status
+
+DEFAULT_MODE: str = KlingRequest.model_fields["mode"].default
 
 
 def utcnow() -> datetime:
@@ -180,14 +183,14 @@ class Store:
             )
             return s.scalar(select(PredictionRow).where(PredictionRow.id == prediction_id))
 
-    def next_queued(self) -> PredictionRow | None:
+    def next_queued(self, mode: str | None = None) -> PredictionRow | None:
+        """The oldest queued prediction (of `mode`, read from its stored input; absent means the default)."""
+        query = select(PredictionRow).where(PredictionRow.status == QUEUED)
+        if mode is not None:
+            stored = func.coalesce(PredictionRow.input["mode"].as_string(), DEFAULT_MODE)
+            query = query.where(stored == mode)
         with self.session() as s:
-            return s.scalar(
-                select(PredictionRow)
-                .where(PredictionRow.status == QUEUED)
-                .order_by(PredictionRow.seq)
-                .limit(1)
-            )
+            return s.scalar(query.order_by(PredictionRow.seq).limit(1))
 
     def page(
         self,
