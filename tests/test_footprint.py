@@ -119,3 +119,14 @@ def test_a_placement_reads_as_it_is_documented() -> None:
     assert (
         str(Placement("shuttle", fp8=True)) == "text encoder off the device while denoising, fp8 transformer"
     )
+
+
+def test_the_tables_in_docs_memory_md_are_current() -> None:
+    from i2v.models_info import memory_tables
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "memory.md").read_text()
+    start = doc.index("-->\n", doc.index("<!-- tables:")) + len("-->\n")
+    end = doc.index("<!-- end of tables -->")
+    assert doc[start:end] == memory_tables(), (
+        "run: python -m i2v.models_info, and paste it into docs/memory.md"
+    )
