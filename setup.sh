@@ -44,4 +44,20 @@ if [ -n "$extras" ] && ! command -v chromium >/dev/null; then
         echo "setup: no chromium here (and not root with apt-get): the browser tests will be skipped"
     fi
 fi
+# axe-core and the official JS client for the browser tests, pinned by tests/web-tools/package-lock.json
+# (npm ci installs exactly that, into the ignored tests/web-tools/node_modules).
+if [ -n "$extras" ]; then
+    tools=tests/web-tools
+    if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing nodejs and npm (apt) for the browser tests"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    if ! command -v npm >/dev/null; then
+        echo "setup: no npm here: the accessibility check and the JS snippet test will be skipped"
+    elif ! cmp -s "$tools/package-lock.json" "$tools/node_modules/.i2v-installed-lock"; then
+        echo "setup: installing the browser test tools (npm ci in $tools)"
+        (cd "$tools" && npm ci --no-audit --no-fund --loglevel=error)
+        cp "$tools/package-lock.json" "$tools/node_modules/.i2v-installed-lock"
+    fi
+fi
 echo "setup: ready (.venv/bin/i2v)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -106,3 +107,180 @@ def wan_ti2v_tiny(folder: Path, device: torch.device) -> WanImageToVideoPipeline
     return WanImageToVideoPipeline.from_pretrained(
         folder, vae=vae, dtype=device_dtype(device), expand_timesteps=True
     )
+
+
+# LTX-2.0 (configs.md): transformer 18.88B, connectors 1.43B, video VAE 1.22B, latent upsampler 0.50B,
+# Gemma-3-12B text encoder 12.19B (with its SigLIP vision tower, unused for text): about 69 GB in bf16.
+LTX2_TRANSFORMER = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+    attention_head_dim=128, cross_attention_dim=4096, vae_scale_factors=(8, 32, 32), pos_embed_max_pos=20,
+    base_height=2048, base_width=2048, audio_in_channels=128, audio_out_channels=128,
+    audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
+    audio_scale_factor=4, audio_pos_embed_max_pos=20, audio_sampling_rate=16000, audio_hop_length=160,
+    num_layers=48, activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=3840, attention_bias=True,
+    attention_out_bias=True, rope_theta=10000.0, rope_double_precision=True, causal_offset=1,
+    timestep_scale_multiplier=1000, cross_attn_timestep_scale_multiplier=1000, rope_type="split",
+    use_prompt_embeddings=True, perturbed_attn=False,
+)  # fmt: skip
+LTX2_CONNECTORS = dict(
+    caption_channels=3840, text_proj_in_factor=49, video_connector_num_attention_heads=30,
+    video_connector_attention_head_dim=128, video_connector_num_layers=2,
+    video_connector_num_learnable_registers=128, audio_connector_num_attention_heads=30,
+    audio_connector_attention_head_dim=128, audio_connector_num_layers=2,
+    audio_connector_num_learnable_registers=128, connector_rope_base_seq_len=4096, rope_type="split",
+)  # fmt: skip
+LTX2_VAE = dict(
+    latent_channels=128, block_out_channels=(256, 512, 1024, 2048), decoder_block_out_channels=(256, 512, 1024),
+    layers_per_block=(4, 6, 6, 2, 2), decoder_layers_per_block=(5, 5, 5, 5),
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    upsample_type=("spatiotemporal",) * 3, upsample_residual=(True, True, True), upsample_factor=(2, 2, 2),
+    patch_size=4, patch_size_t=1, spatial_compression_ratio=32, temporal_compression_ratio=8,
+    encoder_causal=True, decoder_causal=False, decoder_spatial_padding_mode="reflect",
+)  # fmt: skip
+LTX2_UPSAMPLER = dict(
+    in_channels=128, mid_channels=1024, num_blocks_per_stage=4, dims=3, spatial_upsample=True,
+    temporal_upsample=False, rational_spatial_scale=2.0, use_rational_resampler=True,
+)  # fmt: skip
+GEMMA3_12B = dict(
+    text_config=dict(
+        vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+    ),
+    # Gemma 3's SigLIP tower (not used to encode text; counted for memory).
+    vision_config=dict(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+        image_size=896, patch_size=14,
+    ),
+    mm_tokens_per_image=256,
+)  # fmt: skip
+LTX2_SCHEDULER = dict(
+    use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+    max_image_seq_len=4096, shift_terminal=0.1,
+)  # fmt: skip
+# The stage-2 distilled LoRA's rank (ltx-2-19b-distilled-lora-384); random here, on the attention and
+# feed-forward projections of every block.
+LTX2_LORA_RANK = 384
+LTX2_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def materialise(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Give a model built under `init_empty_weights(include_buffers=False)` (parameters on `meta`, buffers
+    real) random parameters on `device`, in seconds for billions of parameters.
+
+    Like `to_empty()` followed by an init, except that the buffers `__init__` computed (RoPE tables,
+    `inv_freq`: never saved, so a loaded model has them from `__init__` too) are kept, where `to_empty()`
+    would leave garbage. Parameters get `dtype`, except those `from_pretrained` keeps in float32. The
+    init: each module's own `reset_parameters()` where it has one (linear, conv, norms, embeddings), else
+    ones for 1-D weights, zeros for biases and N(0, 0.02) for the rest, so values stay finite.
+    """
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            full = f"{module_name}.{name}".split(".")
+            wanted = torch.float32 if keep & set(full) else dtype
+            data = torch.empty(param.shape, device=device, dtype=wanted)
+            if name == "bias":
+                data.zero_()
+            elif param.ndim == 1:
+                data.fill_(1.0)
+            else:
+                data.normal_(0.0, 0.02)
+            module._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
+    with torch.no_grad():
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and module.__class__.__module__.startswith("torch.nn"):
+                reset()
+    return model.to(device).eval()  # the real buffers follow the parameters
+
+
+def ltx2_pipeline(
+    device: torch.device, configs: dict[str, Any] | None = None, lora_rank: int = LTX2_LORA_RANK
+) -> tuple[Any, Any]:
+    """LTX-2 with random weights, built on `meta` and materialised on `device`: (pipeline, upsampler).
+
+    `configs` are the full-size ones by default; the CPU rehearsal passes the tiny twin's (read from its
+    saved config files), so the same code builds both. The stage-2 LoRA is a random adapter of the real
+    rank, registered under the backend's adapter name.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from peft import LoraConfig
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
+
+    from i2v.backends.ltx2 import STAGE2_ADAPTER, LTX2KeyframePipeline, _tiny_vocab
+
+    full = configs is None
+    configs = configs or {
+        "transformer": LTX2_TRANSFORMER, "connectors": LTX2_CONNECTORS, "vae": LTX2_VAE,
+        "audio_vae": None, "vocoder": None, "latent_upsampler": LTX2_UPSAMPLER, "text_encoder": GEMMA3_12B,
+        "scheduler": LTX2_SCHEDULER,
+    }  # fmt: skip
+    dtype = device_dtype(device)
+    torch.manual_seed(0)
+    with init_empty_weights(include_buffers=False):
+        parts = {
+            "transformer": LTX2VideoTransformer3DModel.from_config(configs["transformer"]),
+            "connectors": LTX2TextConnectors.from_config(configs["connectors"]),
+            "vae": AutoencoderKLLTX2Video.from_config(configs["vae"]),
+            # The audio VAE and vocoder are small (53M, 56M) and only run for audio: their defaults.
+            "audio_vae": AutoencoderKLLTX2Audio.from_config(configs["audio_vae"] or {}),
+            "vocoder": LTX2Vocoder.from_config(configs["vocoder"] or {}),
+            "text_encoder": Gemma3ForConditionalGeneration(Gemma3Config(**configs["text_encoder"])),
+        }
+        upsampler = LTX2LatentUpsamplerModel.from_config(configs["latent_upsampler"])
+    parts = {name: materialise(model, device, dtype) for name, model in parts.items()}
+    upsampler = materialise(upsampler, device, dtype)
+    with torch.device(device):  # the adapter's layers are made (and initialised) where they will run
+        parts["transformer"].add_adapter(
+            LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LTX2_LORA_TARGETS),
+            adapter_name=STAGE2_ADAPTER,
+        )
+    parts["transformer"].to(device=device, dtype=dtype)  # the adapter's weights too
+    # The real tokenizer cannot be downloaded; the pipeline pads every prompt to 1024 tokens, so the text
+    # encoder's work is the real one whatever the words map to.
+    tokenizer = GemmaTokenizer(vocab=_tiny_vocab(), merges=[])
+    tokenizer.model_max_length = 1024
+    if full:
+        tokenizer.padding_side = "left"
+    pipe = LTX2KeyframePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**configs["scheduler"]), tokenizer=tokenizer, **parts
+    )
+    return pipe, upsampler
+
+
+def ltx2_tiny_configs(folder: Path) -> dict[str, Any]:
+    """The tiny LTX-2 twin's configs, read from the files `LTX2.build_tiny` saves."""
+    import json
+
+    from i2v.backends.ltx2 import LTX2, UPSAMPLER_FOLDER
+
+    LTX2.build_tiny(folder)
+    read = {name: json.loads((folder / name / "config.json").read_text()) for name in (
+        "transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder",
+    )}  # fmt: skip
+    read["latent_upsampler"] = json.loads((folder / UPSAMPLER_FOLDER / "config.json").read_text())
+    read["scheduler"] = {
+        k: v
+        for k, v in json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).items()
+        if not k.startswith("_")
+    }
+    text = read["text_encoder"]
+    read["text_encoder"] = {
+        k: text[k]
+        for k in ("text_config", "vision_config", "mm_tokens_per_image", "image_token_index", "boi_token_index", "eoi_token_index")
+        if k in text
+    }  # fmt: skip
+    return read

@@ -21,3 +21,11 @@ def write_report(report: dict[str, object], out: Path, name: str) -> None:
     table += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items()]
     (out / f"{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
+
+
+def show_logs() -> None:
+    """i2v's own log lines (placement, fp8 fallback) on stderr, with other libraries' warnings."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("i2v").setLevel(logging.INFO)

@@ -8,12 +8,16 @@ every fault:
                      GPU to fill; this is the exact exception type the pipeline would raise)
 - `fault:disk-full`  returns its frames with the process's file-size limit (RLIMIT_FSIZE) set to a few KB, so
                      writing the mp4 fails part-way with EFBIG, as a full disk fails with ENOSPC
-- `fault:slow`       takes about 0.2 s per step for 20 steps (long enough to kill or cancel it mid-run)
+- `fault:slow`       takes about 0.2 s per step for 20 steps (long enough to kill or cancel it mid-run);
+                     `fault:slow:N` for N steps (a run that lasts until the test cancels it)
+- `fault:hold=PATH`  runs its first step, then waits until the file PATH exists (the test's event, not a
+                     timer: the prediction stays `processing` exactly as long as the test needs)
 - anything else      returns black frames at once: the service is under test, not the model
 """
 
 from __future__ import annotations
 
+import re
 import resource
 import signal
 import time
@@ -49,7 +53,13 @@ class FaultInjection(Backend):
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
         resource.setrlimit(resource.RLIMIT_FSIZE, self._fsize)  # undo an earlier disk-full fault
         prompt = inputs.prompt
-        steps = 20 if "fault:slow" in prompt else self.spec.steps
+        if "fault:hold=" in prompt:
+            release = Path(prompt.split("fault:hold=", 1)[1].split()[0])
+            on_step(1, self.spec.steps)
+            while not release.exists():
+                time.sleep(0.02)
+        slow = re.search(r"fault:slow(?::(\d+))?", prompt)
+        steps = int(slow.group(1) or 20) if slow else self.spec.steps
         for step in range(1, steps + 1):
             if "fault:oom" in prompt:
                 raise torch.OutOfMemoryError(

@@ -20,9 +20,9 @@ FAULT_ENV = {
 NO_LIMITS = {"I2V_CREATE_RATE": "0", "I2V_REQUEST_RATE": "0", "I2V_MAX_UNFINISHED": "0"}
 
 
-def fault_server(data_dir: Path, **env: str) -> ServerProcess:
+def fault_server(data_dir: Path, log_pipe: bool = False, **env: str) -> ServerProcess:
     """`i2v serve --model fault-injection`: black frames at once, or the fault its prompt asks for."""
-    return ServerProcess(data_dir, env={**FAULT_ENV, **env}, model="fault-injection")
+    return ServerProcess(data_dir, env={**FAULT_ENV, **env}, model="fault-injection", log_pipe=log_pipe)
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -19,6 +19,7 @@ import replicate
 from conftest import make_image
 
 TOKEN = "test-token-1"
+METRICS_TOKEN = "test-metrics-token"
 MODEL = "kwaivgi/kling-v2.1"
 
 
@@ -33,9 +34,18 @@ def data_uri(width: int, height: int, seed: int = 0) -> str:
 
 
 class ServerProcess:
-    """`python -m i2v serve --model tiny` on a free loopback port, logging to a file next to its data dir."""
+    """`python -m i2v serve --model tiny` on a free loopback port, logging to a file next to its data dir.
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, model: str = "tiny") -> None:
+    With `log_pipe`, the server writes its log to a pipe this process copies into the file, so a limit on
+    the server's own file writes (RLIMIT_FSIZE, to fill its disk) does not silence its log."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        model: str = "tiny",
+        log_pipe: bool = False,
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -48,6 +58,9 @@ class ServerProcess:
             "I2V_CREATE_RATE": "0",
             "I2V_REQUEST_RATE": "0",
             "I2V_MAX_UNFINISHED": "0",
+            # the worker loads the standard model at start, the pro one on first use (the suite's budget)
+            "I2V_PRELOAD": "standard",
+            "I2V_METRICS_TOKEN": METRICS_TOKEN,
             **(env or {}),
         }
         command = [
@@ -64,11 +77,28 @@ class ServerProcess:
             "--data-dir",
             str(data_dir),
         ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        if log_pipe:
+            self.process = subprocess.Popen(
+                command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            threading.Thread(target=self._copy_log, daemon=True).start()
+        else:
+            with self.log_path.open("ab") as log:
+                self.process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def _copy_log(self) -> None:
+        assert self.process.stdout is not None
+        with self.log_path.open("ab", buffering=0) as log:
+            for line in self.process.stdout:
+                log.write(line)
+
+    def log(self) -> str:
+        """The whole log, for assertions (a tail can scroll past the line looked for)."""
+        return self.log_path.read_text(errors="replace")
 
     def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        """The end of the log, for failure messages."""
+        return self.log()[-4000:]
 
     def wait_ready(self, timeout: float = 300, states: tuple[str, ...] = ("READY", "BUSY")) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -83,6 +113,18 @@ class ServerProcess:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The server's Prometheus samples, read with the metrics token."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        answer = httpx.get(f"{self.base}/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+        answer.raise_for_status()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text)
+            for s in family.samples
+        }
 
     def client(self) -> replicate.Client:
         return replicate.Client(api_token=TOKEN, base_url=self.base)

@@ -81,3 +81,17 @@ def test_parallel_benchmark_on_two_cpu_ranks_reports_identical_frames(tmp_path: 
     assert report["single_model_size"] == report["group_model_size"]
     assert "sequence split across 2 ranks" in report["group_placement"]
     assert report["speedup_model"] > 0 and report["speedup_end_to_end"] > 0
+
+
+def test_compiled_blocks_never_reach_the_recompile_limit_over_every_request_shape(tmp_path: Path) -> None:
+    # Standard and turbo at 8 aspect ratios x 2 durations, then fast requests (step cache on the compiled
+    # blocks), compiled the way `place()` compiles (dynamo's eager backend: the same guards, no codegen).
+    result = run_bench("bench.recompiles", "--strategies", "product", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "recompiles.json").read_text())
+    assert report["product_requests"] == 40 and report["product_requests_failed"] == 0
+    assert report["product_limit_reached"] is False
+    # One graph per batch size (CFG batched: 2; turbo: 1), both compiled by each model's first request.
+    assert report["product_graphs_compiled"] == 2 < report["product_recompile_limit"]
+    new = report["product_new_graphs_per_request"]
+    assert new[0] == 1 and new[16] == 1 and sum(new) == 2

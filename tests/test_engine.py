@@ -68,6 +68,7 @@ def test_metadata_records_prompt_seed_and_model(engine: Engine, image_file, tmp_
     assert comment == {
         "prompt": "a red boat",
         "negative_prompt": "blur",
+        "negative_prompt_source": "as given",  # an empty one would be the model's default
         "seed": result.seed,  # a random seed was drawn and is reported
         "model": "tiny-wan2.2-ti2v-5b",
         "mode": "standard",
@@ -93,7 +94,11 @@ def test_frames_equal_the_stock_diffusers_pipeline(engine: Engine, image_file) -
     )
     rendered = engine.render(request)
     inputs, spec = rendered.inputs, rendered.backend.spec
-    stock = WanImageToVideoPipeline.from_pretrained(spec.source)
+    # Wan's own UniPC schedule is the one thing we swap in (test_parity.py checks it against Wan's code).
+    ours = rendered.backend.pipe.scheduler
+    stock = WanImageToVideoPipeline.from_pretrained(
+        spec.source, scheduler=type(ours).from_config(ours.config)
+    )
     stock.set_progress_bar_config(disable=True)
     expected = stock(
         image=inputs.image,

@@ -248,7 +248,7 @@ def test_webhook_receiver_down_retries_then_gives_up_and_the_prediction_is_unaff
             assert time.monotonic() < deadline, rows
             time.sleep(0.2)
     assert rows == [("completed", "failed", 3)]  # the first try and the two configured retries
-    assert "giving up after 3 attempts" in server.log_tail()
+    assert "giving up after 3 attempts" in server.log()
 
 
 def _worker_pid(server_pid: int) -> int:

@@ -13,6 +13,7 @@ from conftest import make_image
 from i2v.backends import registered, resolve
 from i2v.errors import ModelUnavailable
 from i2v.server import app as app_module
+from i2v.server import deps
 from i2v.server.config import ConfigError, ServerConfig
 from i2v.server.limits import RateLimiter, token_owner
 from i2v.server.store import Store
@@ -46,7 +47,7 @@ def test_tokens_are_compared_in_constant_time_against_every_token(tmp_path, monk
         compared.append((a, b))
         return constant_time(a, b)
 
-    monkeypatch.setattr(app_module.hmac, "compare_digest", recording)
+    monkeypatch.setattr(deps.hmac, "compare_digest", recording)
     config = ServerConfig(data_dir=tmp_path, tokens=("first-token", "second-token", "third-token"))
     client = TestClient(app_module.create_app(config, runner=IdleRunnerForTests()))
     assert client.get("/v1/predictions", headers={"authorization": "Bearer first-token"}).status_code == 200

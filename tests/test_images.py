@@ -7,6 +7,7 @@ import http.server
 import io
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,32 @@ def test_data_uri() -> None:
         loader.load("data:image/png;base64,%%%notbase64", "end_image")
 
 
+def test_data_uris_as_clients_write_them() -> None:
+    """`;BASE64` in any case (RFC 2397 says case-insensitive), base64 broken into MIME lines (RFC 2045),
+    and %-escaped base64 are the same image."""
+    encoded = base64.b64encode(make_image(400, 300)).decode()
+    lines = "\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    for uri in (
+        "data:image/png;BASE64," + encoded,
+        "data:image/png;Base64," + lines,
+        "data:image/png;base64," + lines.replace("\r\n", "\n"),
+        "data:image/png;base64," + encoded.replace("+", "%2B").replace("/", "%2F"),
+    ):
+        assert loader.load(uri, "start_image").size == (400, 300)
+
+
+def test_a_cameras_multi_picture_jpeg_is_read_as_its_main_image() -> None:
+    main = Image.open(io.BytesIO(make_image(640, 480, "JPEG")))
+    second = Image.open(io.BytesIO(make_image(640, 480, "JPEG", seed=3)))
+    out = io.BytesIO()
+    main.save(out, format="MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(out.getvalue())).format == "MPO"
+    image = decode_image(out.getvalue(), "start_image")
+    assert image.size == (640, 480)
+    expected = decode_image(make_image(640, 480, "JPEG"), "start_image")
+    assert abs(int(image.getpixel((10, 10))[0]) - int(expected.getpixel((10, 10))[0])) <= 8
+
+
 def test_url_from_a_loopback_server(http_dir: tuple[Path, str]) -> None:
     root, base = http_dir
     (root / "a.jpg").write_bytes(make_image(500, 800, "JPEG"))
@@ -48,6 +75,15 @@ def test_url_from_a_loopback_server(http_dir: tuple[Path, str]) -> None:
     with pytest.raises(InputError, match="HTTP 404") as info:
         loader.load(f"{base}/missing.jpg", "end_image")
     assert info.value.field == "end_image"
+
+
+ODD_TARGETS = {
+    "ftp": "ftp://127.0.0.1/a.png",
+    "data": "data:image/png;base64,iVBORw0KGgo=",
+    "mailto": "mailto:someone@example.com",
+    "javascript": "javascript:alert(1)",
+    "file": "file:///etc/passwd",
+}
 
 
 class _Redirects(http.server.BaseHTTPRequestHandler):
@@ -75,10 +111,21 @@ class _Redirects(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/hop/0")
             self.end_headers()
-        elif self.path == "/ftp":
+        elif self.path.startswith("/to/"):  # /to/<scheme>: a redirect to a URL of that scheme
             self.send_response(302)
-            self.send_header("Location", "ftp://127.0.0.1/a.png")
+            self.send_header("Location", ODD_TARGETS[self.path[4:]])
             self.end_headers()
+        elif self.path == "/trickle":  # a byte now and then, for as long as the client waits
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.3)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -99,9 +146,21 @@ def test_redirects_are_followed_up_to_three(redirect_server: str) -> None:
         loader.load(f"{redirect_server}/hop/4", "start_image")
 
 
-def test_redirect_to_another_scheme_is_refused(redirect_server: str) -> None:
-    with pytest.raises(InputError, match="unsupported URL scheme 'ftp'"):
-        loader.load(f"{redirect_server}/ftp", "start_image")
+@pytest.mark.parametrize("scheme", sorted(ODD_TARGETS))
+def test_redirect_to_another_scheme_is_refused(redirect_server: str, scheme: str) -> None:
+    with pytest.raises(InputError) as info:
+        loader.load(f"{redirect_server}/to/{scheme}", "end_image")
+    assert info.value.field == "end_image"
+    assert info.value.rule.startswith(f"the image URL redirected to a {scheme}: URL")
+    assert "only http(s) redirects are followed" in info.value.rule
+
+
+def test_a_trickling_host_is_cut_off_at_the_deadline(redirect_server: str) -> None:
+    """One byte every 0.3 s keeps every single read alive; the deadline for the whole fetch still holds."""
+    clock = time.monotonic()
+    with pytest.raises(InputError, match=r"took longer than 1\.5 s"):
+        ImageLoader(allow=("127.0.0.1",), timeout=1.5).load(f"{redirect_server}/trickle", "start_image")
+    assert time.monotonic() - clock < 1.5 + 5  # the deadline, plus at most one read's wait (0.3 s here)
 
 
 def test_download_is_capped_while_streaming(redirect_server: str) -> None:
@@ -179,6 +238,14 @@ def test_limits_are_inclusive() -> None:
         ("http://224.0.0.1/a.png", "multicast"),
         ("http://0.0.0.0/a.png", "unspecified"),
         ("http://100.64.0.1/a.png", "not a public address"),
+        # IPv6 addresses that carry an IPv4 one: the IPv4 address decides
+        ("http://[2002:a9fe:a9fe::1]/", "carries the IPv4 address 169.254.169.254, a link-local"),  # 6to4
+        ("http://[2002:0a00:0001::]/", "carries the IPv4 address 10.0.0.1, a private"),  # 6to4
+        ("http://[64:ff9b::a9fe:a9fe]/", "carries the IPv4 address 169.254.169.254"),  # NAT64
+        ("http://[64:ff9b:1::a00:1]/", "carries the IPv4 address 10.0.0.1"),  # local-use NAT64
+        ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/", "carries the IPv4 address 192.0.2.45"),  # Teredo
+        ("http://[::a00:1]/", "carries the IPv4 address 10.0.0.1"),  # IPv4-compatible
+        ("http://[::ffff:7f00:1]/", "carries the IPv4 address 127.0.0.1, a loopback"),  # IPv4-mapped
     ],
 )
 def test_private_and_special_addresses_are_refused(url: str, reason: str) -> None:

@@ -130,6 +130,11 @@ def test_memory_settings(monkeypatch) -> None:
     assert (settings.gpu_memory, settings.offload_memory) == (40 * 10**9, 0)
     monkeypatch.setenv("I2V_GPU_MEMORY", "24 GiB")
     assert Settings().gpu_memory == 24 * 2**30
+    monkeypatch.setenv("I2V_GPU_MEMORY", "auto")
+    assert Settings().gpu_memory is None  # the device's free memory at start
     monkeypatch.setenv("I2V_GPU_MEMORY", "lots")
-    with pytest.raises(I2VError, match="I2V_GPU_MEMORY: expected a size like 40GB"):
+    with pytest.raises(I2VError, match="I2V_GPU_MEMORY: expected a size like 500MB, 20GB"):
+        Settings()
+    monkeypatch.setenv("I2V_GPU_MEMORY", "0")
+    with pytest.raises(I2VError, match="I2V_GPU_MEMORY: expected a size above zero"):
         Settings()

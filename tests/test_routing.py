@@ -13,7 +13,7 @@ from i2v.devices import worker_spec
 from i2v.errors import I2VError
 from i2v.request import MODES
 from i2v.server.admission import refusal
-from i2v.server.dispatch import choose_worker
+from i2v.server.routing import choose_worker
 from i2v.server.runner import Capacity, Offer, WorkerView
 from i2v.server.store import PredictionRow
 from i2v.server.worker import serving_capacity

@@ -116,6 +116,16 @@ def test_cog_schema_is_generated_from_the_request_model():
         "title": "End Image",
         "x-order": 3,
         "description": fields["end_image"].description,
+        "x-i2v-image": {
+            "formats": ["image/jpeg", "image/png", "image/webp"],
+            "max_bytes": 10 * 2**20,
+            "min_side": 300,
+            "max_aspect": 2.5,
+        },
+    }
+    assert inputs["properties"]["mode"]["x-i2v-output"] == {
+        "short_side": {"standard": 720, "pro": 1080},
+        "fps": 24,
     }
     assert (
         inputs["properties"]["seed"]["maximum"] == 2**63 - 1 and inputs["properties"]["seed"]["minimum"] == 0

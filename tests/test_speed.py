@@ -6,6 +6,7 @@ Speed itself is measured by bench/, never here; these check that each switch doe
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import probe
+from diffusers import WanTransformer3DModel
 from diffusers.hooks import HookRegistry
 
 from i2v import Engine, KlingRequest, Progress
+from i2v.fp8 import block_linears, fp8_unsupported
 from i2v.placement import choose_attention, step_cache
 from i2v.settings import Settings
 from i2v.speed import Speed
@@ -62,25 +65,46 @@ def test_batched_cfg_runs_one_forward_per_step_and_keeps_the_frames(reference: n
         np.testing.assert_allclose(frames, reference, atol=1e-4)  # float rounding, nothing more
 
 
-def test_low_vram_group_offload_gives_the_same_frames(reference: np.ndarray) -> None:
+def test_low_vram_stores_weights_in_fp8_and_offloads_blocks(reference: np.ndarray) -> None:
     eng = engine(preset="low-vram")
     backend = eng.backend("standard")
-    assert "group offload" in backend.placement
+    assert "group offload" in backend.placement and "fp8 storage transformer" in backend.placement
     assert HookRegistry.check_if_exists_or_initialize(backend.pipe.transformer.blocks[0]).hooks
-    np.testing.assert_array_equal(eng.render(REQUEST).clip.frames, reference)
-
-
-def test_fast_server_preset_stores_transformer_weights_in_fp8(reference: np.ndarray, tmp_path: Path) -> None:
-    eng = engine(preset="fast")
-    backend = eng.backend("standard")
     assert backend.pipe.transformer.blocks[0].ffn.net[2].weight.dtype == torch.float8_e4m3fn
-    assert backend.pipe.text_encoder.dtype == torch.float32  # only the transformer is cast
+    assert backend.pipe.text_encoder.dtype == torch.float32  # only the transformer is stored in fp8
     frames = eng.render(REQUEST).clip.frames
-    assert not np.array_equal(frames, reference)  # lossy, as documented
+    assert not np.array_equal(frames, reference)  # fp8 weight rounding, as documented
     assert np.abs(frames - reference).mean() < 0.05
-    result = eng.generate(REQUEST, tmp_path / "fast.mp4")
+
+
+def test_fast_server_preset_on_cpu_logs_its_fp8_fallback(
+    reference: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    eng = engine(preset="fast")
+    with caplog.at_level(logging.WARNING, logger="i2v.fp8"):
+        backend = eng.backend("standard")
+    fallbacks = [r for r in caplog.records if r.name == "i2v.fp8" and "falling back" in r.getMessage()]
+    assert len(fallbacks) == 1, [r.getMessage() for r in caplog.records]
+    message = fallbacks[0].getMessage()
+    assert "the device is cpu" in message and "float32 compute" in message
+    assert "fp8" not in backend.placement  # nothing was quantized or cast
+    assert backend.pipe.transformer.blocks[0].ffn.net[2].weight.dtype == torch.float32
+    result = eng.generate(REQUEST, tmp_path / "fast.mp4")  # the request preset's step cache still runs
     info = probe(result.path)
     assert (info["width"], info["height"], info["frames"]) == (1280, 720, 121)
+
+
+def test_fp8_compute_needs_fp8_tensor_cores_and_takes_the_blocks_linear_layers() -> None:
+    assert "the device is cpu" in (fp8_unsupported(torch.device("cpu")) or "")
+    # The tiny twin's widths (24) cannot run torch._scaled_mm; a block with widths of multiples of 16 can.
+    assert not block_linears(engine().backend("standard").pipe.transformer)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+    )  # fmt: skip
+    linears = block_linears(model)
+    assert "blocks.0.ffn.net.2" in linears and "blocks.1.attn1.to_q" in linears
+    assert all(name.startswith("blocks.") for name in linears)  # embedders and the head stay as they are
 
 
 def test_fast_request_preset_caches_steps_for_that_request_only(reference: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""The `i2v` command: generate a clip, list models, run the demo (and, with the server, `serve`).
+"""The `i2v` command: generate a clip, pull and list models, run the demo (and, with the server, `serve`).
 
 User mistakes print one line and exit 2; nothing here shows a traceback for them.
 """
@@ -17,36 +17,64 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from .errors import Canceled, I2VError
-from .progress import Progress
+from .progress import DOWNLOAD_STAGE, DownloadProgress, Progress, Reporter, format_bytes
 from .request import KlingRequest, field_errors
+from .settings import TINY_PREFIX, Settings
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .weights import WeightsPlan
 
 EXIT_USAGE = 2
 
 
 class ProgressBar:
-    """A tqdm bar on stderr: the stage as its label, denoising steps as its count, elapsed time."""
+    """A tqdm bar on stderr: the stage as its label, denoising steps as its count, elapsed time; while
+    weights download, their bytes with the rate and the time left."""
+
+    STEPS = "{desc} {bar} {n}/{total} [{elapsed}]"
+    BYTES = "{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
     def __init__(self) -> None:
         from tqdm import tqdm
 
         # leave=False: the bar clears itself, so what stays on screen is the result line or the error.
-        self._bar = tqdm(
-            total=0,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=False,
-            bar_format="{desc} {bar} {n}/{total} [{elapsed}]",
-        )
+        self._bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, leave=False, bar_format=self.STEPS)
+        self._bytes = False
 
     def __call__(self, progress: Progress) -> None:
+        downloading = progress.stage == DOWNLOAD_STAGE
         self._bar.set_description_str(f"{progress.stage:<15}", refresh=False)
+        if downloading != self._bytes:  # bytes with a rate, or steps: the bar starts afresh in the new unit
+            self._bytes = downloading
+            self._bar.unit, self._bar.unit_scale = ("B", True) if downloading else ("it", False)
+            self._bar.bar_format = self.BYTES if downloading else self.STEPS
+            self._bar.reset(total=progress.total or 0)
         if progress.total:
             self._bar.total = progress.total
-            self._bar.n = progress.step or 0
+            if downloading:  # through update(), which measures the rate
+                self._bar.update((progress.step or 0) - self._bar.n)
+            else:
+                self._bar.n = progress.step or 0
         self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class DownloadBar:
+    """`i2v pull`'s bar on stderr: the bytes of all files, the rate and the time left; it stays on screen."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total, unit="B", unit_scale=True, file=sys.stderr, dynamic_ncols=True, desc="downloading"
+        )
+
+    def __call__(self, progress: DownloadProgress) -> None:
+        self._bar.set_description_str(f"downloading {progress.model}", refresh=False)
+        self._bar.update(progress.done - self._bar.n)
 
     def close(self) -> None:
         self._bar.close()
@@ -77,7 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-o", "--output", required=True, type=Path)
 
-    commands.add_parser("models", help="list the backends and whether their weights are here")
+    pull = commands.add_parser(
+        "pull", help="download models' weights into the HF cache, with progress (resumes what is there)"
+    )
+    pull.add_argument(
+        "models",
+        nargs="*",
+        help="backend names or NAME=HUB_ID (default: the configured model of each mode; see `i2v models`)",
+    )
+    pull.add_argument("--dry-run", action="store_true", help="print what would be fetched and its size")
+
+    commands.add_parser("models", help="list the backends, their download size and what is in the cache")
 
     demo = commands.add_parser("demo", help="render the bundled example image (tiny model without a GPU)")
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo.mp4"))
@@ -104,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "pull":
+            return _pull(args)
         if args.command == "models":
             return _models()
         if args.command == "demo":
@@ -137,7 +177,9 @@ def _quiet_libraries() -> None:
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours show downloads (`DownloadBar`, a stage)
+    # huggingface_hub prints its warnings (a resumed download) with a handler of its own: once is enough.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -176,6 +218,65 @@ def _render(engine: Engine, request: KlingRequest, output: Path) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    """Plan every model first (sizes, cache, access), check the disk once, then download with one bar."""
+    from . import weights
+    from .backends import resolve
+    from .errors import ModelUnavailable
+
+    settings = Settings()
+    refs: list[str] = []
+    for ref in args.models or [settings.served_model or "default"]:
+        refs += settings.models_in_use(ref) if ref in ("default", "tiny") else [ref]
+    plans: list[WeightsPlan] = []
+    failed = False
+    for ref in dict.fromkeys(refs):
+        if ref.startswith(TINY_PREFIX):
+            print(f"{ref}: a tiny twin, built on this machine; nothing to pull")
+            continue
+        _, spec = resolve(ref, settings.tiny_dir, settings.extra_backends)
+        repo = weights.hub_repo(spec.source)
+        if repo is None:
+            print(f"{spec.name}: weights in the local folder {spec.source}; nothing to pull")
+            continue
+        try:
+            planned = weights.plan(spec.name, repo, spec.files)
+        except ModelUnavailable as exc:
+            failed = True
+            print(f"error: {spec.name}: {exc}", file=sys.stderr)
+            if args.dry_run:
+                known = weights.cached_plan(spec.name, repo, spec.files)
+                what = f"from the cache's file list: {known.summary()}" if known else "nothing in the cache"
+                print(f"{spec.name:<20} {repo}: size unknown; {what}")
+            continue
+        print(f"{spec.name:<20} {repo}: {planned.summary()}")
+        if args.dry_run:
+            for file in planned.missing:
+                print(f"    {file.path}  {format_bytes(file.size)}")
+        plans.append(planned)
+    needed = sum(p.missing_bytes for p in plans)
+    free, folder = weights.free_disk()
+    if args.dry_run:
+        unknown = ", plus the models whose size is unknown," if failed else ""
+        print(f"would fetch {format_bytes(needed)}{unknown} into {folder} ({format_bytes(free)} free)")
+        return EXIT_USAGE if failed else 0
+    if failed:
+        return EXIT_USAGE
+    weights.check_disk(plans, settings.min_free_disk)
+    if needed:
+        bar = DownloadBar(needed)
+        try:
+            weights.pull(plans, bar)
+        finally:
+            bar.close()
+    for planned in plans:
+        on_disk = weights.cached_plan(planned.model, planned.repo, planned.patterns) or planned
+        where = weights.snapshot_folder(planned.repo, on_disk.revision) if on_disk.revision else folder
+        print(f"{planned.model}: {len(on_disk.files) - len(on_disk.missing)} files, "
+              f"{format_bytes(on_disk.cached_bytes)} in {where}")  # fmt: skip
+    return 0
+
+
 def _models() -> int:
     from .models_info import describe_models
 
@@ -202,11 +303,15 @@ def _demo(args: argparse.Namespace) -> int:
         model = "tiny"
     engine = Engine(model)
     if model is None:
+        bar = ProgressBar()  # missing weights download first, as a stage of the bar
         try:
-            engine.backend(request.mode)
+            engine.backend(request.mode, report=Reporter(bar, None))
         except ModelUnavailable as exc:
+            bar.close()
             print(
-                f"demo: the real weights are not reachable ({str(exc).splitlines()[0][:160]}); using the tiny model"
+                f"demo: the real weights are not reachable ({str(exc).splitlines()[0][:300]}); using the tiny model"
             )
             engine = Engine("tiny")
+        finally:
+            bar.close()
     return _render(engine, request, args.output)

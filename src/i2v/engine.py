@@ -1,8 +1,9 @@
 """The engine: one Kling request in, one exact mp4 out.
 
     plan:  request -> images decoded (or fetched) and checked -> output size from the start image ->
-           backend for the mode and preset (resolved once, loaded by the executor) -> inputs fitted to
-           the model's grid, seed fixed
+           backend for the mode and preset (resolved once; its weights pulled into the HF cache when
+           missing, a progress stage of its own; loaded by the executor) -> inputs fitted to the model's
+           grid, seed fixed
     run:   the executor runs the plan: diffusers pipeline -> frames on the model's grid
     write: frames at 24 fps -> mp4 at exact size
 
@@ -32,11 +33,12 @@ from .executors import BackendKey, Executor, LocalExecutor, Plan
 from .geometry import fit_image, output_size
 from .images import ImageLoader, decode_image
 from .parallel import GroupExecutor
-from .progress import ProgressCallback, Reporter
+from .progress import DOWNLOAD_STAGE, DownloadCallback, ProgressCallback, Reporter
 from .request import FPS, ImageField, KlingRequest, Mode, RequestPreset
 from .retime import retime
 from .settings import Settings
 from .video import to_uint8, write_mp4
+from .weights import ensure
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class Engine:
         self.model = model
         self.executor = executor_for(device or self.settings.device, self.settings)
         self.loader = loader or ImageLoader(allow=self.settings.fetch_allow)
+        self._pulled: set[BackendKey] = set()
+        self._pull_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -120,23 +124,37 @@ class Engine:
 
     def key(self, mode: Mode, preset: RequestPreset = "default") -> BackendKey:
         """The backend for a mode; `turbo` picks the mode's distilled model (Settings.turbo_models)."""
-        configured = (self.settings.turbo_models if preset == "turbo" else self.settings.models)[mode]
-        if self.model in (None, "default"):
-            return BackendKey(configured)
-        if self.model == "tiny":
-            return BackendKey("tiny-" + configured.partition("=")[0])
-        return BackendKey(self.model)  # one explicit model serves every mode and preset
+        return BackendKey(self.settings.model_ref(mode, preset, self.model))
+
+    def pull(
+        self, mode: Mode, preset: RequestPreset = "default", on_download: DownloadCallback | None = None
+    ) -> None:
+        """Download the mode's weights into the HF cache unless they are there (`i2v.weights.ensure`): the
+        files its backend loads, after the disk check; once per backend, and before the executor loads it."""
+        key = self.key(mode, preset)
+        with self._pull_lock:
+            if key in self._pulled:
+                return
+            _, spec = self.executor.spec(key)
+            pulled = ensure(spec.name, spec.source, spec.files, self.settings.min_free_disk, on_download)
+            if pulled is not None:
+                log.info("pulled %s from %s: %s", spec.name, pulled.repo, pulled.summary())
+            self._pulled.add(key)
 
     def backend(
         self, mode: Mode, preset: RequestPreset = "default", report: Reporter | None = None
     ) -> Backend:
-        """The loaded backend for a mode; the first call loads its weights, later calls reuse them."""
+        """The loaded backend for a mode; the first call pulls and loads its weights, later calls reuse them.
+
+        With `report`, a download is reported as the "downloading weights" stage (bytes done of total)."""
         key = self.key(mode, preset)
         _, spec = self.executor.spec(key)
         if mode not in spec.modes:  # allowed (the output is still mapped to the exact size), but worth a note
             log.warning(
                 "%s is made for %s mode, configured here for %s", spec.name, "/".join(spec.modes), mode
             )
+        on_download = None if report is None else lambda p: report(DOWNLOAD_STAGE, p.done, p.total)
+        self.pull(mode, preset, on_download)
         return self.executor.backend(key, report)
 
     def warm_up(self, modes: tuple[Mode, ...] = ("standard", "pro")) -> dict[str, float]:
@@ -174,22 +192,36 @@ class Engine:
         size = output_size(start.width, start.height, request.short_side)
         timings["inputs"] = time.perf_counter() - clock
 
-        report("loading model")
-        clock = time.perf_counter()
         preset = self.preset(request)
         key = self.key(request.mode, preset)
+        self.pull(request.mode, preset, lambda p: report(DOWNLOAD_STAGE, p.done, p.total))
+        report("loading model")
+        clock = time.perf_counter()
         backend = self.backend(request.mode, preset, report)
         spec = backend.spec
         if end is not None and not spec.takes_end_frame:
             raise InputError(
                 "end_image", f"model {spec.name} cannot take an end frame; configure a keyframe model"
             )
+        if end is None and spec.needs_end_frame:
+            raise InputError(
+                "end_image",
+                f"model {spec.name} needs an end frame (it was trained on a first and a last frame); "
+                f"send end_image, or configure a start-image model for mode {request.mode}",
+            )
         timings["load"] = time.perf_counter() - clock
 
+        negative, negative_source = spec.negative_prompt_for(request.negative_prompt)
+        # One line of what runs, per request: the worker copies the engine's log into the prediction's.
+        log.info(
+            "running %s on %s (%s); negative prompt: %s",
+            spec.name, self.device, backend.placement, negative_source,
+        )  # fmt: skip
         width, height = backend.model_size(size)
         inputs = ModelInputs(
             prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
+            negative_prompt=negative,
+            negative_source=negative_source,
             image=fit_image(start, (width, height)),
             end_image=fit_image(end, (width, height)) if end is not None else None,
             width=width,
@@ -267,7 +299,8 @@ class Engine:
             "title": request.prompt,
             "comment": {
                 "prompt": request.prompt,
-                "negative_prompt": request.negative_prompt,
+                "negative_prompt": inputs.negative_prompt,  # what the model was sampled with
+                "negative_prompt_source": inputs.negative_source,
                 "seed": inputs.seed,
                 "model": spec.name,
                 "mode": request.mode,
@@ -292,7 +325,7 @@ class Engine:
                 f"could not write the video ({reason}): the disk may be full or the output folder not writable"
             ) from exc
         timings["encode"] = time.perf_counter() - clock
-        log.info("wrote %s (%s, seed %d) in %s", path, spec.name, inputs.seed, timings)
+        log.info("wrote %s (%s, seed %d) in %s", path.name, spec.name, inputs.seed, timings)
         return Result(
             path=path,
             seed=inputs.seed,

@@ -23,7 +23,8 @@ import torch
 
 from .backends import Backend, BackendSpec, Clip, ModelInputs, resolve
 from .errors import ModelUnavailable
-from .memory import Need, Placement, activations_for, choose, device_budget, need, plan_mode
+from .fp8 import fp8_unsupported
+from .memory import Need, activations_for, cfg_batch, choose, device_budget, one_run, plan_mode
 from .parsing import format_bytes
 from .progress import Reporter
 from .request import KlingRequest, RequestPreset
@@ -74,6 +75,10 @@ class Executor(Protocol):
 
     def holds(self) -> tuple[str, ...]:
         """The models (their references) on the device now, most recently used first."""
+
+    def would_drop(self, key: BackendKey) -> bool:
+        """Whether loading `key` now would drop a loaded model from memory (not only move it to CPU
+        memory) to make room; False once it is loaded."""
 
     def backend(self, key: BackendKey, report: Reporter | None = None) -> Backend:
         """The loaded backend; the first call loads its weights (making room first), later calls reuse
@@ -144,7 +149,10 @@ class LocalExecutor:
             per_placement = activations_for(
                 cls, spec, parts, plan_mode(spec), batched_cfg=batched, device_type=self.device.type
             )
-            self._needs[key] = choose(key.ref, parts, per_placement, self._budget, speed, self.device.type)
+            fp8 = fp8_unsupported(self.device) is None  # else `fast` computes in bf16 (i2v.fp8)
+            self._needs[key] = choose(
+                key.ref, parts, per_placement, self._budget, speed, self.device.type, fp8_compute=fp8
+            )
         return self._needs[key]
 
     def loaded(self) -> tuple[BackendKey, ...]:
@@ -152,6 +160,12 @@ class LocalExecutor:
 
     def holds(self) -> tuple[str, ...]:
         return self.residency.resident_models()
+
+    def would_drop(self, key: BackendKey) -> bool:
+        with self._lock:
+            if key in self._backends:
+                return False
+            return self.residency.would_drop(self.need(key).loading, keep=key.ref)
 
     def backend(self, key: BackendKey, report: Reporter | None = None) -> Backend:
         with self._lock:
@@ -170,8 +184,14 @@ class LocalExecutor:
         speed = self.settings.speed
         if placement.kind == "offload" and not speed.low_vram:
             speed = speed.model_copy(update={"preset": "low-vram"})
+            fp8 = (
+                f", fp8 weight storage for its {', '.join(cls.fp8_modules)}: lossy" if cls.fp8_modules else ""
+            )
             log.info(
-                "%s does not fit %s otherwise: placed with group offload (low-vram)", spec.name, self.device
+                "%s does not fit %s otherwise: placed with group offload (low-vram%s)",
+                spec.name,
+                self.device,
+                fp8,
             )
         tag = "streamed" if placement.kind == "offload" else "resident"
         keys = self.residency.part_keys(key.ref, cls, spec.source, tag)
@@ -181,7 +201,7 @@ class LocalExecutor:
             for name in shared
             if self.residency.held[keys[name]].where == "device"
         )
-        self.residency.make_room(max(0, planned.idle - here), keep=key.ref, report=report)
+        self.residency.make_room(max(0, planned.loading - here), keep=key.ref, report=report)
         backend = cls(spec, self.device, speed, ranks=self.ranks)
         backend.shared = shared
         try:
@@ -207,21 +227,11 @@ class LocalExecutor:
         if self.device.type == "cpu":
             return 0  # activations use host memory, outside the budget (i2v.memory.activations_for)
         cls, spec = self.spec(key)
-        planned = self.need(key)
-        parts = cls.parts(spec, self.device.type)
         speed = self.settings.speed
-        batch = 2 if speed.on(speed.batched_cfg, self.device) and spec.guidance > 1.0 else 1
-        placement: Placement = planned.placement
-        activations = cls.activations(
-            parts,
-            inputs.width,
-            inputs.height,
-            inputs.model_frames,
-            batch=batch,
-            tiled=placement.kind == "offload",
-        )
-        run = need(key.ref, parts, {0: activations}, placement)
-        return max(0, run.peaks[0] - run.idle)
+        batch = cfg_batch(spec, speed.on(speed.batched_cfg, self.device))
+        size = (inputs.width, inputs.height, inputs.model_frames)
+        run = one_run(cls, cls.parts(spec, self.device.type), self.need(key).placement, size, batch)
+        return max(0, run.peak - run.idle)
 
     def run(self, plan: Plan, report: Reporter) -> Clip:
         backend, inputs = self.backend(plan.key, report), plan.inputs

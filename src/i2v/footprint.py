@@ -12,14 +12,17 @@ with another architecture is counted as it is. The part is then built on `meta` 
 where the load dtype follows the libraries' own rules: bf16 on CUDA (float32 on a CPU) for every floating
 tensor, float32 for a part the backend loads in float32 (the Wan VAE, CLIP), and float32 for the names in
 diffusers' `_keep_in_fp32_modules` (transformers keeps its own list in float32 only for fp16 loads, or
-strictly for `_keep_in_fp32_modules_strict`). Two more figures per part, for the placements:
+strictly for `_keep_in_fp32_modules_strict`). Two more figures per part, for the placements, for the parts
+a backend takes to fp8 (`Backend.fp8_modules`, its transformers):
 
-- fp8: diffusers' layerwise casting (`enable_layerwise_casting`, the `fast` preset's weight storage),
-  applied to the meta model itself, so its skip rules are the library's;
+- fp8: the `fast` preset's fp8 compute (i2v.fp8): the linear layers in the repeated blocks hold their
+  weights in float8 e4m3 (1 byte each) with one float32 scale per output row, the rest as loaded;
 - streamed: the most of it on the device at once under block-level group offload (`low-vram`), by
   diffusers' own grouping: the part's direct parameters and non-block children stay on the device while
   it runs, and its blocks (ModuleList/Sequential children, or `_group_offload_block_modules`) come one at
-  a time, two with the CUDA stream's prefetch.
+  a time, two with the CUDA stream's prefetch; an fp8 part counted with `low-vram`'s fp8 weight storage
+  (diffusers' `enable_layerwise_casting`, applied to the meta model itself, so its skip rules are the
+  library's).
 
 `Activations` is the other half: the estimate of what one generation adds on top of the weights, each
 backend's formula (see `Backend.activations`).
@@ -65,8 +68,8 @@ class Size:
 
     params: int
     bytes: int  # resident, at the load dtypes
-    fp8_bytes: int  # with fp8 weight storage (transformers only; else = bytes)
-    streamed_bytes: int  # the most on the device at once under block-level group offload
+    fp8_bytes: int  # with the `fast` preset's fp8 compute (fp8 parts only; else = bytes)
+    streamed_bytes: int  # the most on the device at once under `low-vram` (group offload, fp8 storage)
 
 
 @dataclass(frozen=True)
@@ -179,40 +182,56 @@ def streamed_bytes(module: torch.nn.Module) -> int:
     return resident + max(STREAM_PREFETCH * max(blocks, default=0), max(nested, default=0))
 
 
-def fp8_bytes(model: torch.nn.Module) -> int:
-    """Bytes with diffusers' fp8 layerwise weight storage, applied to the meta model (its skip rules)."""
+def fp8_compute_bytes(model: torch.nn.Module) -> int:
+    """Bytes once i2v.fp8 has quantized the blocks' linear layers: each weight 1 byte (float8 e4m3) and a
+    float32 scale per output row (torchao's row-wise float8 weights); everything else as it is."""
+    from .fp8 import block_linears
+
+    layers = dict(model.named_modules())
+    saved = 0
+    for name in block_linears(model):
+        weight = layers[name].weight
+        saved += weight.numel() * weight.element_size() - (weight.numel() + 4 * weight.shape[0])
+    return tensor_bytes(model) - saved
+
+
+def fp8_storage(model: torch.nn.Module) -> None:
+    """diffusers' fp8 layerwise weight storage (`low-vram`), applied to the meta model (its skip rules)."""
     compute = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)  # type: ignore[operator]
-    return tensor_bytes(model)
 
 
-def size_of(component: Component, config: Mapping[str, Any], dtype: torch.dtype) -> Size:
+def size_of(component: Component, config: Mapping[str, Any], dtype: torch.dtype, fp8: bool) -> Size:
     model = build_on_meta(component.cls, config)
     cast_as_loaded(model, torch.float32 if component.float32 else dtype)
     params = sum(p.numel() for p in model.parameters())
     resident = tensor_bytes(model)
-    streamed = streamed_bytes(model)
-    fp8 = (
-        fp8_bytes(model)
-        if component.role == "transformer" and hasattr(model, "enable_layerwise_casting")
-        else resident
-    )
-    return Size(params=params, bytes=resident, fp8_bytes=fp8, streamed_bytes=streamed)
+    fp8 = fp8 and hasattr(model, "enable_layerwise_casting")
+    compute = fp8_compute_bytes(model) if fp8 else resident
+    if fp8:
+        fp8_storage(model)
+    return Size(params=params, bytes=resident, fp8_bytes=compute, streamed_bytes=streamed_bytes(model))
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_size(component: Component, config_json: str, dtype: torch.dtype) -> Size:
-    return size_of(component, json.loads(config_json), dtype)
+def _cached_size(component: Component, config_json: str, dtype: torch.dtype, fp8: bool) -> Size:
+    return size_of(component, json.loads(config_json), dtype, fp8)
 
 
 def parts(
-    components: tuple[Component, ...], source: str, packaged_folder: str, dtype: torch.dtype
+    components: tuple[Component, ...],
+    source: str,
+    packaged_folder: str,
+    dtype: torch.dtype,
+    *,
+    fp8: tuple[str, ...] = (),
 ) -> dict[str, Part]:
-    """Each part's size at `dtype` (the device's compute dtype), its config and where that came from."""
+    """Each part's size at `dtype` (the device's compute dtype), its config and where that came from;
+    `fp8` names the parts the backend takes to fp8 (`Backend.fp8_modules`)."""
     found = {}
     for component in components:
         config, where = find_config(source, component.subfolder, packaged_folder)
-        size = _cached_size(component, json.dumps(config, sort_keys=True), dtype)
+        size = _cached_size(component, json.dumps(config, sort_keys=True), dtype, component.name in fp8)
         found[component.name] = Part(component=component, size=size, config_from=where, config=config)
     return found
 

@@ -9,10 +9,14 @@ import base64
 import binascii
 import io
 import ipaddress
+import re
 import socket
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
@@ -25,7 +29,51 @@ MIN_SIDE = 300
 MAX_ASPECT = 2.5
 MAX_PIXELS = 40_000_000  # decompression-bomb guard: far above any real photo we could use
 FORMATS = {"JPEG", "PNG", "WEBP"}
+# A camera's multi-picture JPEG (stereo or depth views after the main image): read as its first, main image.
+MULTI_PICTURE = "MPO"
 MAX_REDIRECTS = 3
+FETCH_TIMEOUT = 30.0  # seconds for a whole fetch: every redirect hop, the connection and the body
+READ_TIMEOUT = 10.0  # seconds any one network operation may wait (never past the fetch's deadline)
+_WHITESPACE = re.compile(rb"[ \t\r\n\f\v]+")
+# IPv6 forms that carry an IPv4 address the packet is really for (RFC 6052 NAT64, its local-use prefix of
+# RFC 8215, and the deprecated IPv4-compatible form); 6to4, Teredo and IPv4-mapped have ipaddress helpers.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+class RedirectRefused(httpx.HTTPError):
+    """A response redirected to something that is not http(s) (`data:`, `mailto:`, `javascript:` ...)."""
+
+
+def refuse_odd_redirects(response: httpx.Response) -> None:
+    """An httpx response hook: a redirect to a non-http(s) URL is refused before httpx reads the Location
+    (httpx cannot build a request for `data:` and would raise an error that is not an HTTPError)."""
+    if response.has_redirect_location:
+        location = response.headers["location"]
+        scheme = urlsplit(location).scheme.lower()
+        if scheme and scheme not in ("http", "https"):
+            shown = location if len(location) <= 60 else location[:57] + "..."
+            raise RedirectRefused(
+                f"redirected to a {scheme}: URL ({shown}); only http(s) redirects are followed"
+            )
+
+
+def embedded_ipv4(address: IPAddress) -> Iterator[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (IPv4-mapped and -compatible, 6to4, Teredo, NAT64)."""
+    if address.version != 6:
+        return
+    assert isinstance(address, ipaddress.IPv6Address)
+    if address.ipv4_mapped is not None:
+        yield address.ipv4_mapped
+    if address.sixtofour is not None:
+        yield address.sixtofour
+    if address.teredo is not None:
+        yield from address.teredo  # (server, client)
+    last32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if any(address in net for net in _NAT64):
+        yield last32
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1
+        yield last32
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -50,7 +98,7 @@ class ImageLoader:
     """
 
     allow_local_paths: bool = True
-    timeout: float = 20.0
+    timeout: float = FETCH_TIMEOUT  # for the whole fetch, not per read: a host trickling bytes is cut off
     max_bytes: int = MAX_BYTES
     allow: tuple[str, ...] = ()
 
@@ -78,21 +126,39 @@ class ImageLoader:
         return path.read_bytes()
 
     def _data_uri(self, uri: str, field: str) -> bytes:
+        """RFC 2397: `;base64` in any case; the base64 may be broken into lines (RFC 2045) or %-escaped."""
         header, sep, payload = uri.partition(",")
         if not sep:
             raise InputError(field, "malformed data URI: no ',' before the data")
-        if len(payload) > self.max_bytes * 4 // 3 + 4:
-            raise too_large(field, self.max_bytes)
         try:
-            if header.endswith(";base64"):
-                return base64.b64decode(payload, validate=True)
+            if header.lower().endswith(";base64"):
+                text = _WHITESPACE.sub(b"", payload.encode("ascii"))
+                if b"%" in text:
+                    text = unquote_to_bytes(text)
+                if len(text) > self.max_bytes * 4 // 3 + 4:
+                    raise too_large(field, self.max_bytes)
+                return base64.b64decode(text, validate=True)
+            if len(payload) > self.max_bytes * 3:
+                raise too_large(field, self.max_bytes)
             return unquote_to_bytes(payload)
+        except UnicodeEncodeError:
+            raise InputError(field, "malformed data URI: base64 data is ASCII") from None
         except (binascii.Error, ValueError) as exc:
             raise InputError(field, f"malformed data URI: {exc}") from None
 
     def _fetch(self, url: str, field: str) -> bytes:
+        """GET with the SSRF guard on every hop, under one deadline for the whole fetch."""
+        deadline = time.monotonic() + self.timeout
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InputError(field, f"fetching the image took longer than {self.timeout:g} s")
+            return remaining
+
         # Redirects are followed by hand so that every hop is checked the same way as the first.
-        with httpx.Client(timeout=self.timeout, follow_redirects=False, trust_env=False) as client:
+        hooks = {"response": [refuse_odd_redirects]}
+        with httpx.Client(follow_redirects=False, trust_env=False, event_hooks=hooks) as client:
             for _ in range(MAX_REDIRECTS + 1):
                 pinned = self.pin(url, field)
                 try:
@@ -100,15 +166,19 @@ class ImageLoader:
                     # server still sees its own name in Host and in TLS.
                     with client.stream(
                         "GET", pinned.url, headers={"Host": pinned.host_header},
-                        extensions={"sni_hostname": pinned.host},
+                        extensions={"sni_hostname": pinned.host}, timeout=min(READ_TIMEOUT, left()),
                     ) as response:  # fmt: skip
                         if response.is_redirect:
                             url = urljoin(url, response.headers.get("location", ""))
                             continue
                         if response.status_code != 200:
                             raise InputError(field, f"fetching the image failed: HTTP {response.status_code}")
-                        return self._read_capped(response, field)
-                except httpx.HTTPError as exc:
+                        return self._read_capped(response, field, left)
+                except RedirectRefused as exc:
+                    raise InputError(field, f"the image URL {exc}") from None
+                except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                    if isinstance(exc, httpx.TimeoutException) and deadline - time.monotonic() <= 0:
+                        left()  # the deadline, not the read timeout, is what ran out: say so
                     raise InputError(
                         field, f"fetching the image failed: {type(exc).__name__}: {exc}"
                     ) from None
@@ -152,9 +222,10 @@ class ImageLoader:
                     return None
             except ValueError:  # a host name entry
                 continue
-        mapped = getattr(address, "ipv4_mapped", None)
-        if mapped is not None:  # ::ffff:10.0.0.1 reaches 10.0.0.1
-            return self._refusal(host, mapped)
+        for inner in embedded_ipv4(address):  # ::ffff:10.0.0.1, 2002:a9fe:a9fe::, 64:ff9b::10.0.0.1 ...
+            reason = self._refusal(host, inner)
+            if reason:
+                return f"it carries the IPv4 address {inner}, {reason}"
         checks = [
             (address.is_loopback, "a loopback address"),
             (address.is_link_local, "a link-local address (cloud metadata lives here)"),
@@ -169,7 +240,7 @@ class ImageLoader:
                 return f"{reason}; an operator can trust it with I2V_FETCH_ALLOW"
         return None
 
-    def _read_capped(self, response: httpx.Response, field: str) -> bytes:
+    def _read_capped(self, response: httpx.Response, field: str, left: Any) -> bytes:
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise too_large(field, self.max_bytes)
@@ -178,6 +249,7 @@ class ImageLoader:
             body += chunk
             if len(body) > self.max_bytes:
                 raise too_large(field, self.max_bytes)
+            left()  # a host sending a byte now and then is still cut off at the deadline
         return bytes(body)
 
 
@@ -193,14 +265,14 @@ def decode_image(data: bytes, field: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.format not in FORMATS:
+            if image.format not in FORMATS | {MULTI_PICTURE}:
                 raise InputError(field, f"unsupported image format {image.format}: use JPEG, PNG or WebP")
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise InputError(field, f"image is too large ({width}x{height}); at most {MAX_PIXELS} pixels")
-            if getattr(image, "n_frames", 1) > 1:
+            if image.format != MULTI_PICTURE and getattr(image, "n_frames", 1) > 1:
                 raise InputError(field, "animated images are not accepted: send a single still frame")
-            image.load()
+            image.load()  # an MPO loads its first frame: the main picture
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

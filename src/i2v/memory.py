@@ -12,14 +12,19 @@ after the other:
                pipeline (LTX-2's latent upsampler); per phase, the running parts' streamed bytes (their
                non-block tensors, and two blocks at a time) + that phase's activations
 
-fp8 (the `fast` preset's weight storage) changes the transformer's bytes in each of them. `choose` picks
-the first placement, in that order, under which every duration fits the budget, so the defaults find
-their own way: `low-vram` comes by itself where the model does not fit otherwise (CUDA only: on a CPU the
-device is the host memory, and offloading to it gains nothing).
+               (`low-vram` also stores the fp8 parts' weights in fp8: the streamed bytes count that)
+
+fp8 (the `fast` preset's fp8 compute, on GPUs with fp8 tensor cores) makes the transformer's block weights
+one byte each in `resident` and `shuttle`; the load itself still places them in bf16 first (i2v.fp8
+quantizes a model already on the device), so the peak is at least all the weights at their load dtypes.
+`choose` picks the first placement, in that order, under which every duration fits the budget, so the
+defaults find their own way: `low-vram` comes by itself where the model does not fit otherwise (CUDA only:
+on a CPU the device is the host memory, and offloading to it gains nothing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,7 +62,7 @@ NO_ACTIVATIONS = Activations(
 @dataclass(frozen=True)
 class Placement:
     kind: Kind
-    fp8: bool = False  # transformer weights stored in fp8
+    fp8: bool = False  # the fp8 parts' block weights in fp8 (the `fast` preset's fp8 compute)
 
     def __str__(self) -> str:
         text = {
@@ -65,7 +70,7 @@ class Placement:
             "shuttle": "text encoder off the device while denoising",
             "offload": "group offload (low-vram)",
         }[self.kind]
-        return text + (", fp8 transformer" if self.fp8 else "")
+        return text + (", fp8 compute" if self.fp8 else "")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ class Need:
     peaks: dict[int, int]  # duration (s) -> the most on the device during one generation
     fits: tuple[int, ...] = ()  # the durations that fit the budget it was chosen for
     weights: dict[str, int] = field(default_factory=dict)  # part -> bytes resident (or streamed)
+    load: int = 0  # bytes on the device as the load places it (before fp8 quantization); 0: `idle`
+
+    @property
+    def loading(self) -> int:
+        return max(self.load, self.idle)
 
     @property
     def peak(self) -> int:
@@ -96,9 +106,15 @@ def part_bytes(part: Part, placement: Placement) -> int:
 
 
 def need(
-    model: str, parts: Mapping[str, Part], activations: Mapping[int, Activations], placement: Placement
+    model: str,
+    parts: Mapping[str, Part],
+    activations: Mapping[int, Activations],
+    placement: Placement,
+    *,
+    loading: bool = True,
 ) -> Need:
-    """The need of a model's parts and per-duration activations under one placement (module docstring)."""
+    """The need of a model's parts and per-duration activations under one placement (module docstring);
+    `loading` False leaves out the load itself (a run of a model already loaded)."""
     weights = {name: part_bytes(part, placement) for name, part in parts.items()}
     if placement.kind == "offload":
         idle = sum(weights[n] for n, p in parts.items() if not p.component.in_pipeline)
@@ -120,21 +136,25 @@ def need(
         }
         return Need(model, placement, idle, peaks, weights=weights)
     idle = sum(weights.values())
+    # fp8 compute quantizes the parts once they are on the device: the load holds them as loaded first.
+    load = sum(p.size.bytes for p in parts.values()) if placement.fp8 and loading else idle
     if placement.kind == "shuttle":
         text = sum(weights[n] for n, p in parts.items() if p.component.role == "text_encoder")
         peaks = {
-            d: max(idle + a.encode, idle - text + max(a.denoise, a.decode)) for d, a in activations.items()
+            d: max(load, idle + a.encode, idle - text + max(a.denoise, a.decode))
+            for d, a in activations.items()
         }
     else:
-        peaks = {d: idle + a.peak for d, a in activations.items()}
-    return Need(model, placement, idle, peaks, weights=weights)
+        peaks = {d: max(load, idle + a.peak) for d, a in activations.items()}
+    return Need(model, placement, idle, peaks, weights=weights, load=load)
 
 
-def candidates(speed: Speed, device_type: str) -> list[Placement]:
-    """The placements to try, best first: exact ones before offload; fp8 only where the preset asks."""
+def candidates(speed: Speed, device_type: str, fp8_compute: bool = True) -> list[Placement]:
+    """The placements to try, best first: exact ones before offload; fp8 only where the preset asks for
+    it and the device computes in fp8 (`fp8_compute`, i2v.fp8; elsewhere `fast` runs in bf16)."""
     if speed.low_vram:
         return [Placement("offload")]
-    fp8 = speed.fp8
+    fp8 = speed.fp8 and fp8_compute and device_type == "cuda"
     found = [Placement("resident", fp8), Placement("shuttle", fp8)]
     if device_type == "cuda":
         found.append(Placement("offload"))
@@ -148,25 +168,16 @@ def choose(
     budget: int | None,
     speed: Speed,
     device_type: str,
+    fp8_compute: bool = True,
 ) -> Need:
     """The first placement under which every duration fits `budget`; else the one that fits the most
     durations (then the smallest); with no budget, the configured placement."""
-    options = candidates(speed, device_type)
+    fp8_compute = fp8_compute and any(p.size.fp8_bytes < p.size.bytes for p in parts.values())
+    options = candidates(speed, device_type, fp8_compute)
     needs = [need(model, parts, activations(p), p) for p in options]
     if budget is None:
-        first = needs[0]
-        return Need(first.model, first.placement, first.idle, first.peaks, tuple(first.peaks), first.weights)
-    fitted = [
-        Need(
-            n.model,
-            n.placement,
-            n.idle,
-            n.peaks,
-            tuple(d for d, b in n.peaks.items() if b <= budget),
-            n.weights,
-        )
-        for n in needs
-    ]
+        return dataclasses.replace(needs[0], fits=tuple(needs[0].peaks))
+    fitted = [dataclasses.replace(n, fits=tuple(d for d, b in n.peaks.items() if b <= budget)) for n in needs]
     best = max(fitted, key=lambda n: (len(n.fits), -fitted.index(n) if n.fits else -n.peak))
     return best
 
@@ -199,7 +210,7 @@ def activations_for(
     On a CPU the budget (`I2V_GPU_MEMORY`, as the tests set it) covers the weights only: activations
     come from the host's memory like everything else there, so they count as none."""
     width, height = plan_size(cls, spec, mode)
-    batch = 2 if batched_cfg and spec.guidance > 1.0 else 1
+    batch = cfg_batch(spec, batched_cfg)
 
     def per_duration(placement: Placement) -> dict[int, Activations]:
         tiled = placement.kind == "offload"
@@ -211,6 +222,33 @@ def activations_for(
         }
 
     return per_duration
+
+
+def cfg_batch(spec: BackendSpec, batched_cfg: bool) -> int:
+    """The denoising batch: 2 where CFG's two passes run as one batched forward (i2v.batched_cfg)."""
+    return 2 if batched_cfg and spec.guidance > 1.0 else 1
+
+
+def one_run(
+    cls: type[Backend],
+    parts: Mapping[str, Part],
+    placement: Placement,
+    size: tuple[int, int, int],
+    batch: int,
+) -> Need:
+    """What one generation at the model's (width, height, frames) needs on the device, its model loaded
+    with `placement`: `peak - idle` is what the run adds (activations; streamed blocks under offload)."""
+    width, height, frames = size
+    acts = cls.activations(parts, width, height, frames, batch=batch, tiled=placement.kind == "offload")
+    return need(cls.spec.name, parts, {0: acts}, placement, loading=False)
+
+
+def speed_placement(cls: type[Backend], speed: Speed, fp8_compute: bool) -> Placement:
+    """The placement a preset asks for by itself: group offload for `low-vram`, fp8 compute for `fast`
+    where the device has it and the model takes it, else all parts on the device."""
+    if speed.low_vram:
+        return Placement("offload")
+    return Placement("resident", fp8=speed.fp8 and fp8_compute and bool(cls.fp8_modules))
 
 
 def device_budget(total_free: int, setting: int | None) -> int:

@@ -1,39 +1,63 @@
-"""What `i2v models` prints: each backend, its weights' source, and whether they are on this machine."""
+"""What `i2v models` prints: each backend, its weights' source, their download size and what is in the cache."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from . import weights
 from .backends import BACKENDS, Backend, BackendSpec, tiny_folder
+from .errors import ModelUnavailable
+from .progress import format_bytes
 from .settings import Settings
 
 
-def weights_present(source: str) -> bool:
-    """True when `source` is a local folder of weights or a hub id already in the HF cache."""
-    if Path(source).expanduser().is_dir():
-        return (Path(source).expanduser() / "model_index.json").is_file()
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(source, "model_index.json"), str)
+def weights_state(spec: BackendSpec) -> str:
+    """`23.9 GB to download, 4.1 GB in the cache`, from the hub when it answers, else from the cache alone."""
+    repo = weights.hub_repo(spec.source)
+    if repo is None:
+        found = (Path(spec.source).expanduser() / "model_index.json").is_file()
+        return "local folder" if found else "local folder without model_index.json"
+    planned, why = None, ""
+    if not weights.offline():
+        try:
+            planned = weights.plan(spec.name, repo, spec.files, check_access=False)
+        except ModelUnavailable as exc:
+            why = "hub unreachable" if isinstance(exc, weights.HubUnreachable) else "hub refused"
+    known = planned or weights.cached_plan(spec.name, repo, spec.files)
+    if known is None:
+        return f"size unknown ({why or 'offline'}), nothing in the cache"
+    size = format_bytes(known.total_bytes) if planned else f"{format_bytes(known.total_bytes)} (cached list)"
+    if not known.missing:
+        return f"{size}, all in the cache"
+    return f"{size}, {format_bytes(known.cached_bytes)} in the cache"
 
 
 def describe_models(settings: Settings | None = None) -> list[str]:
     settings = settings or Settings()
     defaults = {ref.partition("=")[0]: mode for mode, ref in settings.models.items()}
+    backends = sorted(BACKENDS.items())
+    with ThreadPoolExecutor(max_workers=len(backends)) as pool:  # one hub request each, side by side
+        states = list(pool.map(weights_state, [cls.spec for _, cls in backends]))
     lines = []
-    for name, cls in sorted(BACKENDS.items()):
+    for (name, cls), state in zip(backends, states, strict=True):
         spec = cls.spec
         role = f"default for {defaults[name]}" if name in defaults else "available"
-        present = "weights present" if weights_present(spec.source) else "weights not downloaded"
         tiny = (
             "built"
             if (tiny_folder(cls, settings.tiny_dir) / "model_index.json").is_file()
             else "built on first use"
         )
-        end = "takes end frame" if spec.takes_end_frame else "no end frame"
+        end = (
+            "needs end frame"
+            if spec.needs_end_frame
+            else "takes end frame"
+            if spec.takes_end_frame
+            else "no end frame"
+        )
         lines.append(
-            f"{name:<22} {spec.source:<40} {present:<22} {role}; modes {','.join(spec.modes)}; "
+            f"{name:<20} {spec.source:<48} weights: {state}; {role}; modes {','.join(spec.modes)}; "
             f"{spec.fps} fps; {end}; {spec.steps} steps, guidance {spec.guidance}, shift {spec.shift}; "
             f"tiny-{name}: {tiny}"
         )
@@ -78,7 +102,8 @@ def memory_lines(name: str, cls: type[Backend], spec: BackendSpec, device_type: 
     mode = plan_mode(spec)
     per = activations_for(cls, spec, parts, mode, batched_cfg=True)
     lines = [f"    weights on {device_type} ({source}): {listed}"]
-    for placement in (Placement("resident"), Placement("resident", fp8=True), Placement("offload")):
+    fp8 = [Placement("resident", fp8=True)] if cls.fp8_modules else []
+    for placement in (Placement("resident"), *fp8, Placement("offload")):
         n = need(name, parts, per(placement), placement)
         peaks = ", ".join(f"{d} s {_gb(b)} GB" for d, b in n.peaks.items())
         lines.append(f"    {placement}: {_gb(n.idle)} GB held; peak per {mode} clip: {peaks}")
@@ -98,7 +123,7 @@ def memory_tables() -> str:
 
     out = ["### Footprints (bf16 on CUDA; counted on `meta` from the configs)", ""]
     out += [
-        "| model | part | parameters | loads in | bytes | GB | fp8 GB | streamed GB |",
+        "| model | part | parameters | loads in | bytes | GB | fp8 compute GB | low-vram streamed GB |",
         "|---|---|--:|---|--:|--:|--:|--:|",
     ]
     totals: dict[str, dict[str, int]] = {}
@@ -109,7 +134,7 @@ def memory_tables() -> str:
             s = p.size
             out.append(
                 f"| {name} | {n} | {s.params:,} | {_dtype(p, 'cuda')} | {s.bytes:,} | {_gb(s.bytes)} | "
-                f"{_gb(s.fp8_bytes)} | {_gb(s.streamed_bytes)} |"
+                f"{_gb(s.fp8_bytes) if s.fp8_bytes < s.bytes else '—'} | {_gb(s.streamed_bytes)} |"
             )
         all_bytes = sum(p.size.bytes for p in parts.values())
         all_params = sum(p.size.params for p in parts.values())
@@ -118,7 +143,7 @@ def memory_tables() -> str:
         )
     out += ["", "### One clip (the mode's 16:9 size, batched CFG), GB", ""]
     out += [
-        "| model | size | duration | tokens | encode | denoise | decode | peak resident | peak fp8 | peak offload |",
+        "| model | size | duration | tokens | encode | denoise | decode | peak resident | peak fp8 compute | peak low-vram |",
         "|---|---|--:|---|--:|--:|--:|--:|--:|--:|",
     ]
     for name, cls in sorted(BACKENDS.items()):
@@ -129,10 +154,13 @@ def memory_tables() -> str:
         resident, fp8, offload = Placement("resident"), Placement("resident", True), Placement("offload")
         for duration in (5, 10):
             a = per(resident)[duration]
-            peaks = [need(name, parts, per(p), p).peaks[duration] for p in (resident, fp8, offload)]
+            peaks = [
+                _gb(need(name, parts, per(p), p).peaks[duration]) if p != fp8 or cls.fp8_modules else "—"
+                for p in (resident, fp8, offload)
+            ]
             out.append(
                 f"| {name} | {width}x{height} | {duration} s | {a.formula} | {_gb(a.encode)} | {_gb(a.denoise)} | "
-                f"{_gb(a.decode)} | " + " | ".join(_gb(b) for b in peaks) + " |"
+                f"{_gb(a.decode)} | " + " | ".join(peaks) + " |"
             )
     out += ["", "### What each GPU class runs, and how (`choose`: budget = nominal size - 1 GB)", ""]
     out += [

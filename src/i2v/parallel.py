@@ -162,6 +162,9 @@ class GroupExecutor:
     def holds(self) -> tuple[str, ...]:
         return self.local.holds()
 
+    def would_drop(self, key: BackendKey) -> bool:
+        return self.local.would_drop(key)
+
     def _splits(self, key: BackendKey) -> bool:
         """Whether this backend runs on the whole group (else rank 0 runs it alone)."""
         return self.spec(key)[0].splits_sequence

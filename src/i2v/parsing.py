@@ -1,4 +1,4 @@
-"""How settings text becomes values: flags, comma-separated lists, counts and durations.
+"""How settings text becomes values: flags, comma-separated lists, counts, durations and sizes.
 
 Each parser takes what the environment gives (text) or an already typed value, and raises ValueError
 with the rule it expects; the settings classes add the variable's name (`i2v.settings`).
@@ -14,14 +14,7 @@ from pydantic import BeforeValidator
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$")
-# Decimal units as GPU makers and the issue's figures count (80 GB = 80e9 bytes); "i" units are binary.
-_UNIT_BYTES = {
-    **{p + "b": 1000**n for n, p in enumerate(("", "k", "m", "g", "t"))},
-    **{p + "ib": 1024**n for n, p in enumerate(("k", "m", "g", "t"), 1)},
-    **{p: 1000**n for n, p in enumerate(("", "k", "m", "g", "t"))},
-    **{p + "i": 1024**n for n, p in enumerate(("k", "m", "g", "t"), 1)},
-}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?\s*$")
 
 
 def parse_flag(value: Any) -> Any:
@@ -78,27 +71,35 @@ def parse_duration(value: Any) -> Any:
 
 
 def parse_bytes(value: Any) -> Any:
-    """'40GB', '40 GiB', '512MB' or plain bytes ('1000000') -> bytes; '' or 'auto' -> None."""
+    """'20GB', '500MB', '1.5T', '2GiB', '1000' (bytes) -> bytes; '0', 'off' -> 0. Units are decimal, as the
+    hub counts, unless written binary (KiB, MiB, GiB, TiB)."""
     if not isinstance(value, str):
         return value
     text = value.strip().lower()
-    if text in ("", "auto"):
-        return None
+    if text in ("off", "none"):
+        return 0
     match = _SIZE.match(text)
-    if not match or match.group(2) not in _UNIT_BYTES:
-        raise ValueError(f"expected a size like 40GB, 24GiB or 512MB, got {value.strip()!r}")
-    count = int(float(match.group(1)) * _UNIT_BYTES[match.group(2)])
-    if count <= 0:
-        raise ValueError(f"expected a size above zero, got {value.strip()!r}")
-    return count
+    if not match:
+        raise ValueError(f"expected a size like 500MB, 20GB, 2GiB or 0, got {text!r}")
+    number, unit, binary = float(match.group(1)), match.group(2) or "", match.group(3)
+    power = " kmgt".index(unit) if unit else 0
+    return int(number * (1024 if binary else 1000) ** power)
 
 
-def format_bytes(count: int | float) -> str:
-    """Bytes as the docs and logs write them: decimal GB (1 GB = 1e9 bytes), MB or KB below that."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(count) >= size:
-            return f"{count / size:.{1 if unit == 'GB' else 2}f} {unit}"
-    return f"{int(count)} B"
+def parse_optional_bytes(value: Any) -> Any:
+    """A size as `parse_bytes` reads it, where '' or 'auto' means none given (None: decided at run time)."""
+    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+        return None
+    return parse_bytes(value)
+
+
+def format_bytes(count: float) -> str:
+    """Bytes in the hub's decimal units: 512 B, 1.2 MB, 23.9 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
@@ -107,8 +108,6 @@ CommaList = Annotated[tuple[str, ...], BeforeValidator(split_commas)]
 Limit = Annotated[int, BeforeValidator(parse_limit)]
 Seconds = Annotated[tuple[float, ...], BeforeValidator(parse_seconds_list)]
 Duration = Annotated[float | None, BeforeValidator(parse_duration)]
-Bytes = Annotated[int | None, BeforeValidator(parse_bytes)]
-# A size where '0' or 'off' means none at all (0).
-BytesOrOff = Annotated[
-    int | None, BeforeValidator(lambda v: 0 if str(v).strip().lower() in ("0", "off") else parse_bytes(v))
-]
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+# A size, or None where the setting is '' or 'auto' (the code decides: i2v.memory, i2v.residency).
+OptionalBytes = Annotated[int | None, BeforeValidator(parse_optional_bytes)]

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from . import compiled_blocks
 from .errors import I2VError
+from .fp8 import quantize_fp8
 from .shims import cpu_counts_as_one_accelerator
 from .speed import Speed
 
@@ -92,18 +94,19 @@ def place(
 ) -> str:
     """Move a loaded pipeline onto `device` and apply the load-time speed settings; returns a summary.
 
-    `fp8_modules` names the pipeline's transformers whose weights the `fast` preset stores in fp8;
+    `fp8_modules` names the pipeline's transformers that go to fp8: fp8 matrix multiplies in `fast`
+    (`i2v.fp8`, where the GPU has fp8 tensor cores), fp8 weight storage in `low-vram`;
     `compile_blocks` is False where the model switches LoRA adapters between calls (a recompile each time);
     `parallel_degree` > 1 splits each transformer's sequence across that many ranks (`i2v.parallel`).
     """
     done = []
-    for name in fp8_modules if speed.fp8 else ():
-        # Each layer's weights are upcast to the compute dtype as it runs; norms and embeddings stay as
-        # they are (each model lists them in _skip_layerwise_casting_patterns).
-        model = getattr(pipe, name)
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
-        done.append(f"fp8 {name}")
     if speed.low_vram:
+        for name in fp8_modules:
+            # Memory, not speed: weights stored in fp8 and upcast to the compute dtype layer by layer as
+            # they run (slower); norms and embeddings stay as they are (_skip_layerwise_casting_patterns).
+            model = getattr(pipe, name)
+            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
+            done.append(f"fp8 storage {name}")
         # Each transformer block (and text-encoder layer) moves to the GPU as it runs; with streams the
         # next block's copy overlaps the current one's compute.
         stream = device.type == "cuda"
@@ -114,6 +117,10 @@ def place(
         done.append("group offload, tiled VAE")
     else:
         pipe.to(device)
+    for name in fp8_modules if speed.fp8 else ():
+        # fp8 matrix multiplies where the GPU has fp8 tensor cores; elsewhere a logged fallback.
+        if quantize_fp8(getattr(pipe, name), device, name):
+            done.append(f"fp8 compute {name}")
     transformers = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m]
     attention = choose_attention(speed.attention, device, split=parallel_degree > 1)
     if attention != "native":
@@ -127,7 +134,7 @@ def place(
     if compile_blocks and speed.on(speed.compile, device) and not speed.low_vram:  # offload hooks do not mix
         for model in transformers:
             # The context-parallel hook on the first block breaks its graph; the other blocks stay whole.
-            model.compile_repeated_blocks(fullgraph=parallel_degree == 1)
+            compiled_blocks.compile_blocks(model, fullgraph=parallel_degree == 1)
         done.append("compiled blocks")
     return ", ".join(done)
 

@@ -96,9 +96,10 @@ class KlingRequest(BaseModel):
     @classmethod
     def _log_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
+            unknown = sorted(map(str, set(data) - set(cls.model_fields)))
             if unknown:
-                log.warning("ignoring unknown input field(s): %s", ", ".join(map(str, unknown)))
+                shown = ", ".join(name[:40] for name in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+                log.warning("ignoring unknown input field(s): %s", ascii(shown)[1:-1])
         return data
 
     @field_validator("start_image", "end_image", mode="before")

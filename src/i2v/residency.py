@@ -301,6 +301,26 @@ class Residency:
                 log.warning("%s", line)
                 _say(report, line)
 
+    def would_drop(self, needed: int, *, keep: str) -> bool:
+        """Whether making room for `needed` bytes now would drop a model (CPU memory has no room for it)
+        rather than only move idle ones there: what `make_room` would do, without doing it."""
+        if self.budget is None:
+            return False
+        with self._lock:
+            on_device, to_host = self.on_device(), 0
+            for _, victim in sorted((h.last_used, name) for name, h in self.models.items() if name != keep):
+                if on_device + needed <= self.budget:
+                    return False
+                size = sum(
+                    self.held[k].bytes
+                    for k in self.models[victim].parts.values()
+                    if self.held[k].where == "device"
+                )
+                if not self._host_room(to_host + size):
+                    return True
+                on_device, to_host = on_device - size, to_host + size
+            return False
+
     def _evict(self, victim: str, keep: str, keep_keys: set[str], report: Reporter | None) -> None:
         holding = self.models[victim]
         leaving = [k for k in holding.parts.values() if k not in keep_keys and self.held[k].where == "device"]

@@ -4,7 +4,8 @@ The model renders the clip's duration at its own rate (5 s at 16 fps: 81 frames,
 at 0 s and 5 s), and FFmpeg's `minterpolate` filter, run through PyAV's filter graph, synthesises the
 24 fps frames between them by motion-compensated interpolation (bidirectional motion estimation,
 overlapped-block compensation). Two of every three output frames are new pictures, not blends, so motion
-stays smooth rather than ghosting. It costs CPU time: see docs/models.md.
+stays smooth rather than ghosting; across a scene cut the nearer frame is repeated instead. It costs CPU
+time: see docs/models.md.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import av
 import numpy as np
 
 # mci: motion-compensated interpolation; aobmc: adaptive overlapped blocks; bidir: estimate both ways;
-# vsbmc: variable-size blocks; scd=none: a generated clip has no cuts to detect.
-MINTERPOLATE = "mi_mode=mci:mc_mode=aobmc:me_mode=bidir:vsbmc=1:scd=none"
+# vsbmc: variable-size blocks; scd=fdiff: scene-change detection by frame difference (above the filter's
+# scd_threshold, 10 by default). A model can render a cut (Wan's negative prompts ask it not to); at one,
+# each frame between the two sides is a copy of the nearer input frame, never a warp of one scene into
+# the other.
+MINTERPOLATE = "mi_mode=mci:mc_mode=aobmc:me_mode=bidir:vsbmc=1:scd=fdiff"
 
 
 def retime(

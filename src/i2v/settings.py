@@ -36,10 +36,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .devices import device_group
 from .errors import I2VError
-from .parsing import Bytes, BytesOrOff, CommaList
+from .parsing import Bytes, CommaList, OptionalBytes
 from .request import MODES, Mode
-from .speed import PRESETS, SPEED_FLAGS, Speed
+from .speed import PRESETS, SPEED_FLAGS, RequestPreset, Speed
 
+TINY_PREFIX = "tiny-"  # `tiny-<backend>`: the backend's tiny random-weight twin (i2v.backends.resolve)
 DEFAULT_MODELS: dict[Mode, str] = {"standard": "wan2.2-ti2v-5b", "pro": "ltx-2"}
 DEFAULT_TURBO_MODELS: dict[Mode, str] = {"standard": "fastwan2.2-ti2v-5b", "pro": "ltx-2-distilled"}
 
@@ -220,6 +221,7 @@ class Settings(EnvSettings):
         "I2V_FETCH_ALLOW": ("fetch_allow",),
         "I2V_EXTRA_BACKENDS": ("extra_backends",),
         "I2V_MODEL": ("served_model",),
+        "I2V_MIN_FREE_DISK": ("min_free_disk",),
         "I2V_GPU_MEMORY": ("gpu_memory",),
         "I2V_OFFLOAD_MEMORY": ("offload_memory",),
     }
@@ -242,12 +244,14 @@ class Settings(EnvSettings):
     extra_backends: CommaList = ()
     # The model `i2v serve` and the Cog predictor run unless told otherwise (`--model`).
     served_model: str | None = None
+    # Free space a download of weights leaves on the HF cache's disk, at least (`20GB`, `500MB`, `0`).
+    min_free_disk: Bytes = 10**9
     # The device memory models and activations may use (`40GB`, to share a GPU); None: the device's free
     # memory when the engine starts (no limit on a CPU). See i2v.residency and docs/memory.md.
-    gpu_memory: Bytes = None
+    gpu_memory: OptionalBytes = None
     # Host memory idle models may be moved to (pinned on CUDA) instead of being dropped; 0: always drop;
     # None: what the host has available at the time, less a margin.
-    offload_memory: BytesOrOff = None
+    offload_memory: OptionalBytes = None
 
     @classmethod
     def file_sources(cls) -> tuple[PydanticBaseSettingsSource, ...]:
@@ -267,6 +271,28 @@ class Settings(EnvSettings):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("gpu_memory")
+    @classmethod
+    def _budget(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("expected a size above zero like 40GB (or auto: the device's free memory)")
+        return value
+
     @property
     def tiny_dir(self) -> Path:
         return self.cache_dir / "tiny"
+
+    def model_ref(self, mode: Mode, preset: RequestPreset = "default", model: str | None = None) -> str:
+        """The model reference for a mode and preset; `model` is an engine's choice: None or "default" (the
+        configured one), "tiny" (its tiny twin), or a reference that serves every mode and preset."""
+        configured = (self.turbo_models if preset == "turbo" else self.models)[mode]
+        if model in (None, "default"):
+            return configured
+        if model == "tiny":
+            return TINY_PREFIX + configured.partition("=")[0]
+        return model
+
+    def models_in_use(self, model: str | None = None) -> list[str]:
+        """The references the modes run on with the configured preset (`I2V_PRESET`), each once."""
+        preset = self.speed.request_preset(None)
+        return list(dict.fromkeys(self.model_ref(mode, preset, model) for mode in MODES))

@@ -5,8 +5,9 @@ stock pipeline's within bf16 noise:
 
 - the fastest attention kernel installed: FlashAttention 3, then FlashAttention 2, then cuDNN's fused
   attention, then PyTorch's own (diffusers' `set_attention_backend`, checked before it is chosen);
-- regional `torch.compile` of the transformer's repeated block (`compile_repeated_blocks`): one block is
-  compiled and reused by all of them, so compiling costs seconds, not minutes;
+- regional `torch.compile` of the transformer's repeated block (`i2v.compiled_blocks`): one block is
+  compiled and reused by all of them, so compiling costs seconds, not minutes, with dynamic shapes so
+  that every aspect ratio and duration runs the same graph;
 - CFG's conditional and unconditional passes in one batched forward (`i2v.batched_cfg`), where the stock
   pipeline runs them one after the other.
 
@@ -14,10 +15,12 @@ Presets trade something for speed or memory, and say what:
 
 - `fast`: step caching (diffusers' FirstBlockCache: a step whose first block barely changed reuses the
   rest of the last step's residual) per request; with the server's preset set to `fast`, the transformer
-  also stores its weights in fp8 (computing in bf16). Lossy: see docs/benchmarks.md.
+  blocks' matrix multiplies also run in fp8 (`i2v.fp8`) on GPUs with fp8 tensor cores (elsewhere a
+  logged fallback). Lossy: see docs/benchmarks.md.
 - `turbo`: a distilled few-step model for the mode (configured per mode, see `i2v.settings`).
-- `low-vram`: the machine's preset, never a request's: group offload (blocks stream from CPU memory to
-  the GPU as they run) and a tiled VAE decode, so standard mode fits a 24 GB GPU. Slower.
+- `low-vram`: the machine's preset, never a request's: transformer weights stored in fp8 (computed in
+  bf16), group offload (blocks stream from CPU memory to the GPU as they run) and a tiled VAE decode, so
+  standard mode fits a 24 GB GPU. Slower, and lossy (fp8 weight rounding).
 """
 
 from __future__ import annotations

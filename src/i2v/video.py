@@ -1,7 +1,9 @@
-"""Video out: frames to an H.264 mp4 (yuv420p, +faststart) with PyAV, written under a temporary name."""
+"""Video out: frames to an H.264 mp4 (yuv420p, +faststart) with PyAV, written under a temporary name;
+and back: a clip's first frame as a JPEG poster."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -102,3 +104,14 @@ def _mux_aac(
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] (what diffusers returns with output_type="np") to uint8."""
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def poster_jpeg(path: str | os.PathLike[str], max_side: int = 640, quality: int = 85) -> bytes:
+    """The clip's first frame as a JPEG, scaled down to at most `max_side` on its long side."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        image = frame.to_image()
+    image.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ModelUnavailable
+from ..settings import TINY_PREFIX
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback
 from .fastwan import FastWanTI2V
 from .ltx2 import LTX2, LTX2Distilled
@@ -24,7 +25,6 @@ from .wan_ti2v import WanTI2V
 BACKENDS: dict[str, type[Backend]] = {
     cls.spec.name: cls for cls in (WanTI2V, FastWanTI2V, LTX2, LTX2Distilled, WanFLF2V)
 }
-TINY_PREFIX = "tiny-"
 
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "Clip", "ModelInputs", "StepCallback", "resolve"]
 

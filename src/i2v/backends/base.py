@@ -42,6 +42,26 @@ class BackendSpec:
     guidance: float
     shift: float | None
     modes: tuple[str, ...]  # the Kling modes it is made for (others work, with a logged warning)
+    # The repository files `load()` reads, as glob patterns (`i2v pull`, and the pull before a load):
+    # one weight format, no root-level single-file checkpoint the diffusers layout does not use.
+    # "*" (every file) for a backend that declares nothing.
+    files: tuple[str, ...] = ("*",)
+    # What the model's own code samples with when the negative prompt is empty (its CLI's or config's).
+    default_negative_prompt: str = ""
+    needs_end_frame: bool = False  # trained on a first and a last frame: a start image alone is refused
+
+    def negative_prompt_for(self, given: str) -> tuple[str, str]:
+        """The negative prompt to sample with for a request's `negative_prompt`, and where it came from.
+
+        Empty means the model's default, as in the references; a non-empty one is used as given.
+        """
+        if self.guidance <= 1.0:
+            return given, "unused (the model samples without guidance)"
+        if given:
+            return given, "as given"
+        if self.default_negative_prompt:
+            return self.default_negative_prompt, "the model's default"
+        return "", "none"
 
     def frames_for(self, duration: int) -> int:
         """Frames to generate at the native fps for `duration` seconds, on the model's frame rule."""
@@ -54,7 +74,7 @@ class ModelInputs:
     """One generation, in the model's own terms: images already fitted to width x height."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str  # what the model is sampled with: the request's, or the model's default
     image: Image.Image
     end_image: Image.Image | None
     width: int
@@ -64,6 +84,7 @@ class ModelInputs:
     audio: bool = False
     step_cache: bool = False  # the `fast` preset: cache steps where the model's blocks allow it
     steps: int | None = None  # denoising steps (the first stage's, for two-stage models); None: the model's
+    negative_source: str = "as given"  # where `negative_prompt` came from (BackendSpec.negative_prompt_for)
 
     def generator(self) -> torch.Generator:
         # A CPU generator gives the same noise on every device, so a seed means the same clip anywhere.
@@ -77,6 +98,13 @@ class Clip:
     frames: np.ndarray
     fps: int
     audio: tuple[np.ndarray, int] | None = None
+
+
+def model_files(folder: str, weights: str = "diffusion_pytorch_model") -> tuple[str, ...]:
+    """What `from_pretrained(source, subfolder=folder)` reads: the folder's JSON (config, shard index) and
+    its safetensors, in one file or in shards (`-00001-of-00003`); not `.bin` copies, not variants
+    (`.fp16.safetensors`). `weights` is "model" for a transformers model (text or image encoder)."""
+    return (f"{folder}/*.json", f"{folder}/{weights}.safetensors", f"{folder}/{weights}-*-of-*.safetensors")
 
 
 def device_dtype(device: torch.device) -> torch.dtype:
@@ -100,6 +128,9 @@ class Backend(ABC):
     # its memory is then unknown, and it is placed as it asks.
     components: ClassVar[tuple[Component, ...]] = ()
     configs: ClassVar[str] = ""
+    # The transformers `place` takes to fp8 (fp8 compute in `fast`, fp8 weight storage in `low-vram`);
+    # the memory plan counts them the same way.
+    fp8_modules: ClassVar[tuple[str, ...]] = ("transformer",)
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
@@ -118,7 +149,7 @@ class Backend(ABC):
     def parts(cls, spec: BackendSpec, device_type: str) -> dict[str, Part]:
         """Each part's size at the dtype it loads in on this kind of device, from its config (no weights)."""
         dtype = device_dtype(torch.device(device_type))
-        return parts(cls.components, spec.source, cls.configs, dtype)
+        return parts(cls.components, spec.source, cls.configs, dtype, fp8=cls.fp8_modules)
 
     @classmethod
     def activations(
@@ -152,7 +183,7 @@ class Backend(ABC):
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=("transformer",), parallel_degree=self.parallel_degree
+            pipe, self.device, self.speed, fp8_modules=self.fp8_modules, parallel_degree=self.parallel_degree
         )
 
     @property
@@ -173,9 +204,11 @@ class Backend(ABC):
         rather than in the first user's request. A 10 s clip's shape compiles on its first request."""
         width, height = self.model_size((1280, 720))
         image = Image.new("RGB", (width, height), (128, 128, 128))
+        negative, source = self.spec.negative_prompt_for("")
+        end = image if self.spec.needs_end_frame else None
         inputs = ModelInputs(
-            prompt="warm-up", negative_prompt="", image=image, end_image=None, width=width, height=height,
-            model_frames=self.spec.frames_for(5), seed=0, steps=2,
+            prompt="warm-up", negative_prompt=negative, image=image, end_image=end, width=width,
+            height=height, model_frames=self.spec.frames_for(5), seed=0, steps=2, negative_source=source,
         )  # fmt: skip
         with torch.inference_mode():
             self.generate(inputs, lambda step, total: None)

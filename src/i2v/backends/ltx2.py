@@ -13,6 +13,13 @@ The engine then crops and scales the frames to the exact output (1920x1088 -> 19
 Two registered names: `ltx-2` (Lightricks/LTX-2, the base model: 40 steps with guidance at stage 1 and
 the distilled LoRA for stage 2) and `ltx-2-distilled` (a distilled checkpoint: 8 fixed sigmas without
 guidance at stage 1, the same stage 2 without a LoRA).
+
+Sampling follows Lightricks' own pipelines (Lightricks/LTX-2, commit
+400fd31054597515f47125691032c04b1c3ee24e): `ltx-pipelines` `ti2vid_two_stages.py` and
+`keyframe_interpolation.py` take stage 1's sigmas from `LTX2Scheduler().execute(steps)` (`ltx-core`
+`components/schedulers.py`) without a latent, so at every size, length and keyframe count the shift is
+the 4096-token anchor's, mu = 2.05, stretched to a terminal sigma of 0.1; the guidance and the default
+negative prompt are `LTX_2_PARAMS` and `DEFAULT_NEGATIVE_PROMPT` in `utils/constants.py`.
 """
 
 from __future__ import annotations
@@ -53,14 +60,53 @@ from ..footprint import (
 from ..geometry import Grid
 from ..placement import place
 from ..speed import Speed
-from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype, model_files
 
 UPSAMPLER_FOLDER = "latent_upsampler"
 # Lightricks' LoRA that turns the base model into the distilled one for the refine stage.
 DISTILLED_LORA = "ltx-2-19b-distilled-lora-384.safetensors"
 STAGE2_ADAPTER = "stage_2_distilled"
-# LTX-2.0 applies spatio-temporal guidance at block 29 (diffusers' default, 28, is LTX-2.3's).
+# Stage 1's schedule: diffusers 0.42.1 computes mu from the token count (end keyframe included; about
+# 3.6 at 960x544x121), Lightricks' pipelines always use the anchor's. A static shift of exp(mu) is the
+# same curve, exp(mu) / (exp(mu) + 1/sigma - 1), on the pipeline's linspace(1, 1/steps, steps).
+STAGE1_MU = 2.05
+STAGE1_TERMINAL = 0.1
+# LTX_2_PARAMS (LTX-2.0): CFG 3.0, STG 1.0 at block 29 (diffusers' default block, 28, is LTX-2.3's),
+# modality guidance 3.0, rescale 0.7; the audio guider the same with CFG 7.0.
 STG_BLOCK = 29
+GUIDANCE: dict[str, Any] = {
+    "guidance_scale": 3.0,
+    "stg_scale": 1.0,
+    "modality_scale": 3.0,
+    "guidance_rescale": 0.7,
+    "audio_guidance_scale": 7.0,
+    "audio_stg_scale": 1.0,
+    "audio_modality_scale": 3.0,
+    "audio_guidance_rescale": 0.7,
+}
+# DEFAULT_NEGATIVE_PROMPT in ltx-pipelines utils/constants.py: the CLI's default negative prompt.
+LTX2_NEGATIVE_PROMPT = (
+    "has_subtitles, has_blurbox, transition from black, transition to black, speech_ending_short, "
+    "blurry, out of focus, overexposed, underexposed, low contrast, washed out colors, excessive noise, "
+    "grainy texture, poor lighting, flickering, motion blur, distorted proportions, unnatural skin tones, "
+    "deformed facial features, asymmetrical face, missing facial features, extra limbs, disfigured hands, "
+    "wrong hand count, artifacts around text, inconsistent perspective, camera shake, incorrect depth of "
+    "field, background too sharp, background clutter, distracting reflections, harsh shadows, inconsistent "
+    "lighting direction, color banding, cartoonish rendering, 3D CGI look, unrealistic materials, uncanny "
+    "valley effect, incorrect ethnicity, wrong gender, exaggerated expressions, wrong gaze direction, "
+    "mismatched lip sync, silent or muted audio, distorted voice, robotic voice, echo, background noise, "
+    "off-sync audio, incorrect dialogue, added dialogue, repetitive speech, jittery movement, awkward "
+    "pauses, incorrect timing, unnatural transitions, inconsistent framing, tilted camera, flat lighting, "
+    "inconsistent tone, cinematic oversaturation, stylized filters, or AI artifacts."
+)
+# The diffusers pipeline's parts and the latent upsampler, as `load()` reads them; not the repo's root-level
+# single-file checkpoints (ltx-2-19b-dev.safetensors, the fp8 copies, the upscalers), which that layout
+# does not use.
+PIPELINE_FILES = (
+    "model_index.json", "scheduler/*", "tokenizer/*", *model_files("text_encoder", "model"),
+    *model_files("transformer"), *model_files("connectors"), *model_files("vae"), *model_files("audio_vae"),
+    *model_files("vocoder"), *model_files(UPSAMPLER_FOLDER),
+)  # fmt: skip
 TEXT_TOKENS = 1024  # the pipeline's max_sequence_length
 # diffusers' AutoencoderKLLTX2Video tiles: 512 x 512 px, 16 frames.
 LTX_TILE, LTX_TILE_FRAMES = 512, 16
@@ -115,12 +161,15 @@ class LTX2(Backend):
         frame_multiple=8,
         takes_end_frame=True,
         steps=40,
-        guidance=4.0,
-        shift=None,  # the scheduler's dynamic shift from the token count, as the model was trained
+        guidance=GUIDANCE["guidance_scale"],
+        shift=math.exp(STAGE1_MU),  # static: the same schedule at every size, length and keyframe count
         modes=("pro",),
+        default_negative_prompt=LTX2_NEGATIVE_PROMPT,
+        files=(*PIPELINE_FILES, DISTILLED_LORA),  # the base model refines with the distilled LoRA
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=32)
     distilled: ClassVar[bool] = False
+    fp8_modules: ClassVar[tuple[str, ...]] = ()  # the stage-2 LoRA switches on and off: no fp8 casting
     components = (
         Component(
             "transformer", LTX2VideoTransformer3DModel, "transformer", role="transformer", phase="denoise"
@@ -179,18 +228,19 @@ class LTX2(Backend):
         pipe.set_progress_bar_config(disable=True)
         # The pipeline batches CFG's passes itself; diffusers' step caches do not know LTX-2's blocks.
         # The base model switches its stage-2 LoRA on and off: neither compiled nor cast to fp8.
-        lora_free = self.distilled
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=("transformer",) if lora_free else (),
-            compile_blocks=lora_free,
-        )  # fmt: skip
+            pipe, self.device, self.speed, fp8_modules=self.fp8_modules, compile_blocks=self.distilled
+        )
         self.pipe = pipe
         # The VAE is the pipeline's, already placed; only the upsampler itself moves here.
         self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler.to(self.device))
         self.upsampler.set_progress_bar_config(disable=True)
-        # The base model's 40 steps take the dynamic shift of its scheduler config; distilled sigma lists
-        # (stage 1 of the distilled checkpoint, every refine stage) run as given, with no shift.
-        self.shifted_scheduler = pipe.scheduler
+        # The base model's stage 1 takes Lightricks' fixed shift (STAGE1_MU) stretched to the terminal;
+        # distilled sigma lists (stage 1 of the distilled checkpoint, every refine stage) run as given.
+        self.shifted_scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, use_dynamic_shifting=False, shift=math.exp(STAGE1_MU),
+            shift_terminal=STAGE1_TERMINAL,
+        )  # fmt: skip
         self.fixed_scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None, shift=1.0
         )
@@ -262,7 +312,7 @@ class LTX2(Backend):
         stg_block = min(STG_BLOCK, self.pipe.transformer.config.num_layers - 1)
         return {
             "num_inference_steps": inputs.steps if inputs is not None and inputs.steps else self.spec.steps,
-            "guidance_scale": self.spec.guidance,
+            **GUIDANCE,
             "spatio_temporal_guidance_blocks": [stg_block],
         }
 
@@ -432,10 +482,13 @@ _NO_GUIDANCE: dict[str, Any] = {
 
 class LTX2Distilled(LTX2):
     spec = dataclasses.replace(
-        LTX2.spec, name="ltx-2-distilled", source="rootonchair/LTX-2-19b-distilled", steps=8, guidance=1.0
-    )
+        LTX2.spec, name="ltx-2-distilled", source="rootonchair/LTX-2-19b-distilled", steps=8, guidance=1.0,
+        shift=None, default_negative_prompt="",  # no guidance: the negative prompt is never used
+        files=PIPELINE_FILES,  # no LoRA: the checkpoint is distilled already
+    )  # fmt: skip
     tiny_steps = 8  # the distilled schedule is a fixed list of 8 sigmas
     distilled = True
+    fp8_modules = ("transformer",)  # no LoRA
     tiny_transformer_seed = 1
 
 

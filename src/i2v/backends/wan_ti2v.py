@@ -6,6 +6,10 @@ takes no end frame and the engine refuses one before it gets here.
 
 The prompt is encoded here rather than in the pipeline so that CFG's two passes can run as one batched
 forward (`i2v.batched_cfg`); the pipeline then takes the embeddings instead of the text.
+
+Sampling follows Wan's own code (Wan-Video/Wan2.2 `wan/textimage2video.py` and `wan/configs/`, commit
+42bf4cfaa384bc21833865abc2f9e6c0e67233dc): 50 UniPC steps on Wan's flow schedule with shift 5, CFG 5.0,
+and `sample_neg_prompt` when the negative prompt is empty. docs/models.md has the table.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
+import transformers
 from diffusers import (
     AutoencoderKLWan,
     UniPCMultistepScheduler,
@@ -25,6 +31,7 @@ from diffusers import (
 from transformers import UMT5EncoderModel
 
 from ..batched_cfg import BatchedCFG
+from ..errors import ModelUnavailable
 from ..footprint import (
     Activations,
     Component,
@@ -37,11 +44,68 @@ from ..footprint import (
 from ..geometry import Grid
 from ..placement import step_cache
 from ..speed import Speed
-from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype
-from .tiny_parts import tiny_umt5
+from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype, model_files
+from .tiny_parts import save_untied_like_wan, tiny_umt5
 
+# Wan's default negative prompt: `sample_neg_prompt` in Wan-Video/Wan2.2 wan/configs/shared_config.py
+# (the same text in Wan2.1's), used when the negative prompt is empty (wan/textimage2video.py).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+# The first transformers release that ties UMT5's token embedding for checkpoints saved untied (Wan's):
+# 5.0.0-5.2.0 leave `encoder.embed_tokens` uninitialised (transformers PR #43880); checked by loading a
+# checkpoint saved like Wan's with 5.0.0, 5.2.0 (untied) and 5.3.0, 5.24.0 (tied).
+TIED_UMT5_SINCE = "5.3.0"
 TEXT_TOKENS = 512  # Wan pads every prompt to 512 tokens
 WAN_TILE = 256  # diffusers' AutoencoderKLWan tile_sample_min_height/width, once tiling is on
+
+
+class WanFlowUniPCScheduler(UniPCMultistepScheduler):
+    """diffusers' UniPC on Wan's own flow schedule.
+
+    Wan's `FlowUniPCMultistepScheduler.set_timesteps(steps, shift=...)` (wan/utils/fm_solvers_unipc.py)
+    spaces the unshifted sigmas from its table's largest, 1 - 1/1000, down to 0 (excluded), then shifts
+    them and truncates the timesteps to integers. diffusers 0.42.1 spaces them from 1.0 to 1/1000, which
+    moves every step but the first (at 50 steps the last timestep is 96 instead of Wan's 92). The solver
+    itself is diffusers' UniPC (bh2, order 2), which Wan's file is modified from.
+    """
+
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None, mu: Any = None
+    ) -> None:
+        if sigmas is None and num_inference_steps is not None and self.config.use_flow_sigmas:
+            train = self.config.num_train_timesteps
+            sigma_max = float(np.float32(1.0 - 1.0 / train))  # Wan's table is float32
+            sigmas = np.linspace(sigma_max, 0.0, num_inference_steps + 1)[:-1]
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+
+
+def wan_scheduler(config: Any, shift: float) -> WanFlowUniPCScheduler:
+    """Wan's sampler for a pipeline's scheduler config: UniPC on Wan's flow schedule at `shift`."""
+    return WanFlowUniPCScheduler.from_config(
+        config,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        final_sigmas_type="zero",  # Wan's: the last step lands on sigma 0
+    )
+
+
+def check_text_encoder_tied(text_encoder: Any) -> None:
+    """UMT5 embeds tokens with `shared`; an untied `encoder.embed_tokens` holds no trained weights at all.
+
+    Raised rather than warned: a text encoder loaded that way silently ruins every prompt.
+    """
+    embed, shared = text_encoder.encoder.embed_tokens.weight, text_encoder.shared.weight
+    if embed is shared or (embed.shape == shared.shape and torch.equal(embed, shared)):
+        return
+    raise ModelUnavailable(
+        "the UMT5 text encoder loaded with its token embedding untied from `shared` (its weights were not "
+        f"loaded): transformers {transformers.__version__} has this bug for checkpoints saved with "
+        f"tie_word_embeddings false (transformers 5.0.0-5.2.0, PR #43880); install transformers>={TIED_UMT5_SINCE}"
+    )
 
 
 class WanTI2V(Backend):
@@ -56,6 +120,16 @@ class WanTI2V(Backend):
         guidance=5.0,
         shift=5.0,
         modes=("standard",),
+        default_negative_prompt=WAN_NEGATIVE_PROMPT,
+        # What load() reads: the pipeline's parts in the diffusers layout (not the repo's examples or assets).
+        files=(
+            "model_index.json",
+            "scheduler/*",
+            "tokenizer/*",
+            *model_files("text_encoder", "model"),
+            *model_files("transformer"),
+            *model_files("vae"),
+        ),
     )
     tiny_grid = Grid(
         max_area=128 * 128, multiple=32
@@ -136,12 +210,8 @@ class WanTI2V(Backend):
         )
 
     def prepare(self, pipe: WanImageToVideoPipeline) -> None:
-        pipe.scheduler = UniPCMultistepScheduler.from_config(
-            pipe.scheduler.config,
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=self.spec.shift,
-        )
+        check_text_encoder_tied(pipe.text_encoder)
+        pipe.scheduler = wan_scheduler(pipe.scheduler.config, self.spec.shift or 1.0)
         super().prepare(pipe)  # device and speed-ups
         if self.spec.guidance > 1.0 and self.speed.on(self.speed.batched_cfg, self.device):
             self.batched_cfg = BatchedCFG.attach(pipe.transformer)
@@ -176,7 +246,7 @@ class WanTI2V(Backend):
     @classmethod
     def build_tiny(cls, folder: Path) -> None:
         torch.manual_seed(0)
-        text_encoder, tokenizer = tiny_umt5()
+        text_encoder, tokenizer = tiny_umt5(vocabulary=WAN_NEGATIVE_PROMPT)
         vae = AutoencoderKLWan(
             base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
             latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -202,3 +272,4 @@ class WanTI2V(Backend):
             image_processor=None,
             expand_timesteps=True,
         ).save_pretrained(folder)
+        save_untied_like_wan(folder / "text_encoder")

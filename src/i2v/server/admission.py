@@ -43,7 +43,7 @@ def _why(workers: Sequence[WorkerView], offers: list[tuple[WorkerView, Offer]]) 
 def refusal(request: KlingRequest, workers: Sequence[WorkerView]) -> InvalidField | None:
     """None when some worker can (or may yet) run the request; else the field to change and why."""
     if not workers:
-        return None  # a runner that cannot tell what its workers hold
+        return None  # no workers (yet): the create waits in the queue
     serving = [w for w in workers if request.mode in w.modes]
     if not serving:
         names = ", ".join(w.name for w in workers)

@@ -6,31 +6,32 @@ Routes only translate HTTP to `Service` calls and back; errors leave as Replicat
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from ..request import KlingRequest
-from . import web
+from . import page_api, web
+from .bodies import BodyGuard, parse_json, read_json
 from .cog_schema import COG_VERSION, openapi_schema, version_id
 from .config import ServerConfig
-from .files import MAX_FILE_BYTES, FileTooLarge
-from .limits import token_owner
+from .deps import BaseURL, Owner, ServiceDep, authenticate, authorize_metrics
+from .files import FileTooLarge
+from .responses import file_response
 from .runner import Runner
 from .schemas import (
     APIError,
@@ -44,58 +45,14 @@ from .schemas import (
 )
 from .service import Page, Service
 from .states import TERMINAL
-from .store import PredictionRow
+from .store import PredictionRow, StorageError
 
 log = logging.getLogger(__name__)
 
+MAX_METADATA = 64 * 1024  # bytes of a file's metadata JSON
 MAX_WAIT = 60
 WAIT_MARGIN = 0.25  # answer a little before the client's read timeout (its wait + 0.5 s)
 _WAIT = re.compile(r"^wait(?:\s*=\s*(\d+))?$")
-
-
-# Typed dependencies: the routes know the service, the caller's owner id and the base URL, nothing more.
-
-
-def current_service(request: Request) -> Service:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[Service, Depends(current_service)]
-
-
-def authenticate(request: Request, service: ServiceDep) -> str:
-    """The owner id of the caller's token, checked in constant time against every configured token (no
-    early exit: the time taken does not tell which token came close), then its request rate.
-
-    The owner is a hash the token's predictions and files are stored under; the token itself is never
-    logged or stored."""
-    config = service.config
-    if config.no_auth:
-        owner = token_owner(None)
-    else:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not token or scheme.lower() not in ("bearer", "token"):
-            raise APIError(401, "Unauthenticated", "You did not pass an authentication token")
-        given = token.strip().encode()
-        matched = False
-        for known in config.tokens:
-            matched |= hmac.compare_digest(given, known.encode())
-        if not matched:
-            raise APIError(401, "Unauthenticated", "Invalid token")
-        owner = token_owner(given.decode())
-    service.check_request_rate(owner)
-    return owner
-
-
-Owner = Annotated[str, Depends(authenticate)]
-
-
-def request_base(request: Request, service: ServiceDep) -> str:
-    """The public URL when one is configured, else the origin the request came to."""
-    return service.base_url(str(request.base_url))
-
-
-BaseURL = Annotated[str, Depends(request_base)]
 
 
 def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
@@ -103,7 +60,7 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     if runner is None:
         from .worker import LocalRunner
 
-        runner = LocalRunner(config.model, config.devices)
+        runner = LocalRunner(config.model, config.devices, preload=config.preload_modes)
     service = Service(config, runner)
     version = version_id(config.model)
     started = datetime.now(UTC)
@@ -125,17 +82,23 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
         openapi_url=None,  # served below, behind the token like everything but health and the page
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, max_body=config.max_body_bytes)
+    app.add_middleware(
+        BodyGuard, max_body=config.max_body_bytes, timeout=config.body_timeout, budget=service.bodies
+    )
+    if config.trusted_hosts:  # outermost: a request for another host name is refused (400) before anything
+        app.add_middleware(
+            TrustedHostMiddleware, allowed_hosts=list(config.trusted_hosts), www_redirect=False
+        )
     _install_error_handlers(app)
     authenticated = Depends(authenticate)
 
-    # health stays open so load balancers can probe without a token; Prometheus sends one for /metrics
+    # health stays open so load balancers can probe without a token; Prometheus sends its own for /metrics
 
     @app.get("/health-check")
     def health(service: ServiceDep) -> dict[str, Any]:
         return service.health()
 
-    @app.get("/metrics", dependencies=[authenticated])
+    @app.get("/metrics", dependencies=[Depends(authorize_metrics)])
     def metrics(service: ServiceDep) -> Response:
         return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
@@ -191,19 +154,24 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
 
     # predictions
 
+    # A create reads everything it can refuse (the body, Prefer) before storing anything, and after
+    # storing does nothing that can fail: it is stored and answers 201, or is not stored.
+
     @api.post("/models/{owner}/{name}/predictions", status_code=201, openapi_extra=CREATE_BODY)
     async def create_for_model(
         owner: str, name: str, request: Request, service: ServiceDep, caller: Owner, base: BaseURL
     ) -> Response:
         known_model(service, owner, name)
+        wait = _prefer_wait(request.headers.get("prefer"))
         body = await _body(request)
-        row = await asyncio.to_thread(service.create, f"{owner}/{name}", version, body, base, caller)
-        return await _created(service, row, request, base)
+        row = await service.create(f"{owner}/{name}", version, body, base, caller)
+        return await _created(service, row, wait, base)
 
     @api.post("/predictions", status_code=201, openapi_extra=CREATE_BODY)
     async def create_for_version(
         request: Request, service: ServiceDep, caller: Owner, base: BaseURL
     ) -> Response:
+        wait = _prefer_wait(request.headers.get("prefer"))
         body = await _body(request)
         if not body.version:
             raise invalid(
@@ -211,16 +179,20 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
                 [InvalidField(type="required", field="version", description="Field required")],
             )
         model = service.resolve_version(body.version, version)
-        row = await asyncio.to_thread(service.create, model, version, body, base, caller)
-        return await _created(service, row, request, base)
+        row = await service.create(model, version, body, base, caller)
+        return await _created(service, row, wait, base)
 
-    async def _created(service: Service, row: PredictionRow, request: Request, base: str) -> Response:
-        wait = _prefer_wait(request.headers.get("prefer"))
+    async def _created(service: Service, row: PredictionRow, wait: float | None, base: str) -> Response:
         headers = {"location": f"{base}/v1/predictions/{row.id}"}
         status = None
         if wait:
-            row = await service.wait(row.id, max(0.5, wait - WAIT_MARGIN))  # its creator's: no owner check
             headers["preference-applied"] = "wait"
+            try:
+                row = await service.wait(
+                    row.id, max(0.5, wait - WAIT_MARGIN)
+                )  # its creator's: no owner check
+            except Exception:  # stored already: the answer is 201 with the row as created, whatever happens
+                log.exception("waiting on %s failed", row.id)
             # The official client polls only when the answer says `starting`: anything else it takes as final.
             status = None if row.status in TERMINAL else "starting"
         return JSONResponse(prediction_body(row, base, status=status), status_code=201, headers=headers)
@@ -247,12 +219,10 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
             row = await service.wait(prediction_id, 2.0)
         return prediction_body(row, base)
 
-    @api.get("/predictions/{prediction_id}/output.mp4")
-    def get_output(prediction_id: str, service: ServiceDep, caller: Owner) -> FileResponse:
+    @api.api_route("/predictions/{prediction_id}/output.mp4", methods=["GET", "HEAD"])
+    def get_output(prediction_id: str, request: Request, service: ServiceDep, caller: Owner) -> Response:
         path = service.output(prediction_id, caller)
-        return FileResponse(
-            path, media_type="video/mp4", filename=path.name, content_disposition_type="inline"
-        )
+        return file_response(request, path, "video/mp4", path.name, content_disposition_type="inline")
 
     # files
 
@@ -262,7 +232,10 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         """Multipart: `content` (the file), optional `metadata` (JSON, as text or as a part: the JS client
         sends a Blob), `filename` and `type`."""
-        form = await request.form()
+        try:
+            form = await request.form()
+        except OSError as exc:  # the spool file of a large upload could not be written
+            raise StorageError(f"the server could not store the upload ({exc.strerror})") from None
         content = form.get("content")
         if not isinstance(content, StarletteUpload):
             raise invalid(
@@ -295,10 +268,13 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     def get_file(file_id: str, service: ServiceDep, caller: Owner, base: BaseURL) -> dict[str, Any]:
         return file_body(service.file(file_id, caller), base)
 
-    @api.get("/files/{file_id}/download")
-    def download_file(file_id: str, service: ServiceDep, caller: Owner) -> FileResponse:
+    @api.api_route("/files/{file_id}/download", methods=["GET", "HEAD"])
+    def download_file(file_id: str, request: Request, service: ServiceDep, caller: Owner) -> Response:
         row = service.file(file_id, caller)
-        return FileResponse(service.file_path(row), media_type=row.content_type, filename=row.name)
+        try:
+            return file_response(request, service.file_path(row), row.content_type, row.name)
+        except FileNotFoundError:
+            raise not_found(f"file {file_id}") from None
 
     @api.delete("/files/{file_id}", status_code=204)
     def delete_file(file_id: str, service: ServiceDep, caller: Owner) -> Response:
@@ -308,19 +284,23 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
     # webhooks
 
     @api.get("/webhooks/default/secret")
-    def webhook_secret(service: ServiceDep) -> dict[str, str]:
-        return {"key": service.webhook_secret()}
+    def webhook_secret(service: ServiceDep, caller: Owner) -> dict[str, str]:
+        return {"key": service.webhook_secret(caller)}
+
+    # account
+
+    @api.get("/account")
+    def account(service: ServiceDep, caller: Owner) -> dict[str, Any]:
+        return service.account(caller)
 
     app.include_router(api)
+    app.include_router(page_api.router, prefix="/v1", dependencies=[authenticated])  # poster, estimate
     app.include_router(web.router)  # the page at /, open: it asks the API for a token itself
     return app
 
 
 async def _body(request: Request) -> CreatePrediction:
-    try:
-        raw = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "Invalid request", "the request body is not valid JSON") from None
+    raw = await read_json(request)
     if not isinstance(raw, dict):
         raise APIError(400, "Invalid request", 'the request body must be a JSON object like {"input": {...}}')
     try:
@@ -334,13 +314,18 @@ def _form_text(value: object) -> str | None:
 
 
 async def _form_json(value: object) -> dict[str, Any]:
-    text = (await value.read()).decode(errors="replace") if isinstance(value, StarletteUpload) else value
+    text = (await value.read(MAX_METADATA + 1)) if isinstance(value, StarletteUpload) else value
     if not text:
         return {}
+    if len(text) > MAX_METADATA:
+        field = InvalidField(type="size", field="metadata", description=f"at most {MAX_METADATA // 1024} KiB")
+        raise invalid("Invalid request", [field])
     try:
-        meta = json.loads(text)  # type: ignore[arg-type]
-    except json.JSONDecodeError as exc:
-        field = InvalidField(type="format", field="metadata", description=f"not JSON: {exc}")
+        meta = parse_json(text, "metadata", prefix="metadata.")  # type: ignore[arg-type]
+    except APIError as exc:
+        if exc.problem.status != 400:
+            raise
+        field = InvalidField(type="format", field="metadata", description=f"not JSON: {exc.problem.detail}")
         raise invalid("Invalid request", [field]) from None
     if not isinstance(meta, dict):
         field = InvalidField(type="type", field="metadata", description="must be a JSON object")
@@ -349,11 +334,13 @@ async def _form_json(value: object) -> dict[str, Any]:
 
 
 def _prefer_wait(header: str | None) -> float | None:
-    """Seconds to hold the response for `Prefer: wait` (60) or `Prefer: wait=N` (1..60); None without it."""
+    """Seconds to hold the response for `Prefer: wait` (60) or `Prefer: wait=N` (1..60); None without it.
+    Never raises: a preference the server cannot honour is ignored (RFC 7240), and any N over 60 is 60."""
     for part in (header or "").split(","):
         match = _WAIT.match(part.strip().lower())
         if match:
-            return float(min(MAX_WAIT, max(1, int(match.group(1) or MAX_WAIT))))
+            digits = (match.group(1) or str(MAX_WAIT)).lstrip("0") or "0"
+            return float(MAX_WAIT if len(digits) > 2 else min(MAX_WAIT, max(1, int(digits))))
     return None
 
 
@@ -385,6 +372,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         p = exc.problem
         return problem(p.status, p.title, p.detail, p.invalid_fields, exc.headers)
 
+    @app.exception_handler(StorageError)
+    async def storage_error(_request: Request, exc: StorageError) -> JSONResponse:
+        log.error("%s", exc)
+        return problem(507, "Insufficient storage", f"{exc}; nothing was changed")
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        return Response(status_code=400)  # nobody reads it: the client left before sending its body
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Request failed")
@@ -408,52 +404,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def crash(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return problem(500, "Internal server error", "the server hit an unexpected error; it has been logged")
-
-
-class BodyLimit:
-    """413 for bodies over the limit: the Files API's for uploads, `max_body` for everything else.
-
-    A declared Content-Length is refused before any of the body is read; a chunked body is counted as it
-    arrives and stopped at the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope["path"].rstrip("/").endswith("/v1/files"):
-            limit, what = MAX_FILE_BYTES + 2**20, f"files are limited to {MAX_FILE_BYTES // 2**20} MB"
-        elif self.max_body:
-            limit, what = self.max_body, f"request bodies are limited to {_size(self.max_body)}"
-        else:
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > limit:
-            response = JSONResponse(
-                {"title": "Payload too large", "detail": what, "status": 413}, status_code=413
-            )
-            await response(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise APIError(413, "Payload too large", what)
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _size(n: int) -> str:
-    return f"{n // 2**20} MB" if n >= 2**20 else f"{n} bytes"
 
 
 def _create_schema() -> dict[str, Any]:

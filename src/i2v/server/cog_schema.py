@@ -10,16 +10,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 from functools import cache
+from pathlib import Path
 from typing import Any
 
-from ..request import KlingRequest
+from ..images import FORMATS, MAX_ASPECT, MAX_BYTES, MIN_SIDE
+from ..request import FPS, SHORT_SIDE, KlingRequest
 from .states import STATUSES, WEBHOOK_EVENTS
 
 COG_VERSION = (
     "0.23.1"  # the Cog release whose schema conventions this follows (and predict.py is tested with)
 )
 OUTPUT = {"type": "string", "title": "Output", "format": "uri"}
+# i2v's extensions (`x-i2v-*`, ignored by clients that do not know them): the rules the server checks
+# beyond the JSON types, so a page or client can check an image and show the output size before uploading.
+IMAGE_RULES = {
+    "formats": sorted(f"image/{name.lower()}" for name in FORMATS),
+    "max_bytes": MAX_BYTES,
+    "min_side": MIN_SIDE,
+    "max_aspect": MAX_ASPECT,
+}
+OUTPUT_RULES = {"short_side": SHORT_SIDE, "fps": FPS}
 
 
 def _cog_property(name: str, prop: dict[str, Any], enums: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +63,9 @@ def input_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     source = KlingRequest.model_json_schema()
     enums: dict[str, Any] = {}
     properties = {name: _cog_property(name, prop, enums) for name, prop in source["properties"].items()}
+    for name in ("start_image", "end_image"):
+        properties[name]["x-i2v-image"] = IMAGE_RULES
+    properties["mode"]["x-i2v-output"] = OUTPUT_RULES
     schema = {
         "type": "object",
         "title": "Input",
@@ -174,3 +189,21 @@ def version_id(engine_model: str | None) -> str:
     """A 64-hex version id that changes when the schema or the served model changes."""
     text = json.dumps(openapi_schema(), sort_keys=True) + "\n" + (engine_model or "default")
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Cog's runtime (coglet) validates inputs against `.cog/openapi_schema.json` in the model's folder, which
+# `cog build` writes; without it `/openapi.json` is 503 and inputs reach predict() unchecked. The file is
+# shipped in the repository, generated here (tests/test_cog_predictor.py fails when it drifts):
+#     python -m i2v.server.cog_schema
+SHIPPED_SCHEMA = Path(".cog") / "openapi_schema.json"
+
+
+def schema_text() -> str:
+    return json.dumps(openapi_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED_SCHEMA
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(schema_text())
+    print(f"wrote {target}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,7 +17,7 @@ from ..devices import WorkerSpec, worker_spec
 from ..errors import I2VError
 from ..parsing import CommaList, Duration, Flag, Limit, Seconds
 from ..parsing import parse_duration as _parse_duration
-from ..request import ImageField
+from ..request import MODES, ImageField, Mode
 from ..settings import EnvSettings, FieldPath, xdg_data_home
 
 LOOPBACK = "127.0.0.1"
@@ -29,6 +29,11 @@ DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 DEFAULT_REQUEST_RATE = 2400
 DEFAULT_CREATE_RATE = 60
 DEFAULT_MAX_UNFINISHED = 50
+DEFAULT_FETCH_TIMEOUT = 30.0  # seconds for a create's images, waiting for a slot included
+DEFAULT_FETCHES_PER_TOKEN = 4  # creates of one token fetching or decoding images at once
+DEFAULT_FETCHES_TOTAL = 16  # ... of all tokens together
+DEFAULT_BODY_TIMEOUT = 120.0  # seconds for a request body to arrive in full (a 100 MB upload at ~1 MB/s)
+DEFAULT_BODY_MEMORY = 256 * 2**20  # bytes of request bodies held in memory at once, all requests together
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # after the first try of a terminal webhook: ~63 s in all
 _ORIGIN = re.compile(r"^https?://[^/]+")
 
@@ -64,6 +69,17 @@ class ServerConfig(EnvSettings):
     - max_unfinished: predictions per token waiting or running at once (`I2V_MAX_UNFINISHED`); 429 above it.
     Limits set to 0 are off.
     - webhook_retry_delays: seconds between retries of a terminal webhook (`I2V_WEBHOOK_RETRY_DELAYS`).
+    - preload: the models each worker pulls (downloads when missing) and loads before it reports READY
+      (`I2V_PRELOAD`): `all` (every mode's), `standard`, or `none` (each loads on its first prediction);
+      unset: every mode. Each worker preloads only those it serves (`mode@device`) and can hold on its budget.
+    - fetch_timeout: seconds a create may spend on its images, fetches and the wait for a slot included
+      (`I2V_FETCH_TIMEOUT`); fetches_per_token / fetches_total: creates fetching or decoding images at
+      once, per token and in all (`I2V_FETCHES_PER_TOKEN`, `I2V_FETCHES_TOTAL`), in threads of their own.
+    - body_timeout: seconds a request body may take to arrive (`I2V_BODY_TIMEOUT`; 408 after);
+      body_memory: bytes of request bodies held in memory at once (`I2V_BODY_MEMORY`; 429 above).
+    - metrics_token: the credential of `/metrics` (`I2V_METRICS_TOKEN`); API tokens cannot read it.
+    - trusted_hosts: the Host names requests may carry (`I2V_TRUSTED_HOSTS`, `*.example.com` allowed);
+      others get 400. URLs are built from the Host when no public URL is set.
     """
 
     ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
@@ -81,6 +97,14 @@ class ServerConfig(EnvSettings):
         "I2V_CREATE_RATE": ("create_rate",),
         "I2V_MAX_UNFINISHED": ("max_unfinished",),
         "I2V_WEBHOOK_RETRY_DELAYS": ("webhook_retry_delays",),
+        "I2V_PRELOAD": ("preload",),
+        "I2V_FETCH_TIMEOUT": ("fetch_timeout",),
+        "I2V_FETCHES_PER_TOKEN": ("fetches_per_token",),
+        "I2V_FETCHES_TOTAL": ("fetches_total",),
+        "I2V_BODY_TIMEOUT": ("body_timeout",),
+        "I2V_BODY_MEMORY": ("body_memory",),
+        "I2V_METRICS_TOKEN": ("metrics_token",),
+        "I2V_TRUSTED_HOSTS": ("trusted_hosts",),
     }
     error: ClassVar[type[Exception]] = ConfigError
 
@@ -95,13 +119,22 @@ class ServerConfig(EnvSettings):
     retry_on_restart: Flag = False
     devices: tuple[WorkerSpec, ...] = (WorkerSpec(),)
     webhook_secret: str | None = None
-    model_names: tuple[str, ...] = ("i2v/default", "kwaivgi/kling-v2.1")
+    # The names the model answers to; the first is the one a create by bare version id is filed under.
+    model_names: tuple[str, ...] = ("kwaivgi/kling-v2.1", "i2v/default")
     fetch_allow: CommaList = ()
     max_body_bytes: Limit = DEFAULT_MAX_BODY_BYTES
     request_rate: Limit = DEFAULT_REQUEST_RATE
     create_rate: Limit = DEFAULT_CREATE_RATE
     max_unfinished: Limit = DEFAULT_MAX_UNFINISHED
     webhook_retry_delays: Seconds = RETRY_DELAYS
+    preload: Literal["all", "standard", "none"] | None = None
+    fetch_timeout: Duration = DEFAULT_FETCH_TIMEOUT
+    fetches_per_token: Limit = DEFAULT_FETCHES_PER_TOKEN
+    fetches_total: Limit = DEFAULT_FETCHES_TOTAL
+    body_timeout: Duration = DEFAULT_BODY_TIMEOUT
+    body_memory: Limit = DEFAULT_BODY_MEMORY
+    metrics_token: str | None = None
+    trusted_hosts: CommaList = ()
 
     @classmethod
     def from_env(
@@ -148,6 +181,20 @@ class ServerConfig(EnvSettings):
         except I2VError as exc:
             raise ValueError(str(exc)) from None
 
+    @field_validator("fetch_timeout", "body_timeout")
+    @classmethod
+    def _some_time(cls, value: float | None) -> float:
+        if not value or value <= 0:
+            raise ValueError("expected a time above zero, like 30 or 2m")
+        return value
+
+    @field_validator("fetches_per_token", "fetches_total")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("expected a whole number of 1 or more")
+        return value
+
     @model_validator(mode="after")
     def _needs_a_token(self) -> ServerConfig:
         if not self.tokens and not self.no_auth:
@@ -156,6 +203,15 @@ class ServerConfig(EnvSettings):
                 "or pass --no-auth to serve without authentication on loopback"
             )
         return self
+
+    @property
+    def preload_modes(self) -> tuple[Mode, ...]:
+        """The modes whose models a worker pulls and loads at start-up (`preload`)."""
+        if self.preload == "none":
+            return ()
+        if self.preload == "standard":
+            return ("standard",)
+        return MODES  # "all", and unset: each worker takes the modes it serves (worker.preload_models)
 
     @property
     def db_path(self) -> Path:

@@ -2,10 +2,16 @@
 
 Predictions wait in the store (status `starting`) and go to the runner as `Job`s with their request and
 the image bytes checked at create. The queue is FIFO within each mode: only the oldest queued prediction
-of a mode may go, and it goes to a free worker that serves its mode and fits it (`WorkerView.can_run`),
-preferring one that already holds its model, so mixed traffic does not make one GPU swap models while
-another sits idle; a mode whose workers are all busy never holds up another mode. Runner events update
-the store, wake `Prefer: wait` requests and send webhooks.
+of a mode may go, to a free worker that serves its mode and fits it, preferring one that already holds its
+model (`routing.choose_worker`), so mixed traffic does not make one GPU swap models while another sits
+idle, and a mode whose workers are all busy never holds up another mode. Runner events update the
+store, wake `Prefer: wait` requests and send webhooks. While a worker downloads weights at set-up, the
+downloads are kept for /health-check, logged, and each waiting prediction's logs say what it waits for.
+
+Each status change is the store's compare-and-set, so a prediction ends once: whoever wins (a cancel, the
+worker's outcome, a restart's recovery) calls `ended`, and a loser changes nothing. The writes that follow
+runner events are retried until they land (`Store.until_written`): a full disk delays an outcome, never
+loses it.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ import contextlib
 import json
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from ..progress import DownloadProgress
 from ..request import IMAGE_FIELDS, MODES, ImageField, KlingRequest
 from .admission import refusal
 from .config import ServerConfig
 from .housekeeping import Metrics
+from .routing import Head, choose_worker, stored_request
 from .runner import (
     Canceled,
     Capacity,
@@ -39,10 +48,11 @@ from .runner import (
 )
 from .schemas import prediction_body
 from .states import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Status, WebhookEvent
-from .store import PredictionRow, Store, utcnow
+from .store import PredictionRow, StorageError, Store, utcnow
 from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Dispatcher:
@@ -59,6 +69,9 @@ class Dispatcher:
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._lock = threading.Lock()
         self._pending = threading.Event()  # set when there may be something to dispatch
+        self._downloads: dict[str, DownloadProgress] = {}  # by repo, while workers set up
+        self._logged_tenths: dict[str, int] = {}
+        self._told_waiting: set[str] = set()  # predictions whose logs say they wait for a download
 
     def kick(self) -> None:
         self._pending.set()
@@ -69,6 +82,8 @@ class Dispatcher:
             try:
                 while self._dispatch_round():
                     pass
+                if self.downloads():
+                    self._tell_waiting()
             except Exception:
                 log.exception("dispatch failed")
             self._pending.wait(timeout=1.0)
@@ -76,32 +91,74 @@ class Dispatcher:
     def stop(self) -> None:
         self._pending.set()
 
+    # weights downloading at set-up
+
+    def downloads(self) -> list[DownloadProgress]:
+        with self._lock:
+            return list(self._downloads.values())
+
+    def _downloading(self, progress: DownloadProgress | None) -> None:
+        with self._lock:
+            if progress is None:  # a worker moved on: loading, ready, failed
+                self._downloads.clear()
+            elif progress.finished:
+                self._downloads.pop(progress.repo, None)
+            else:
+                self._downloads[progress.repo] = progress
+        if progress is not None:
+            tenth = 10 * progress.done // progress.total if progress.total else 10
+            if self._logged_tenths.get(progress.repo) != tenth:
+                self._logged_tenths[progress.repo] = tenth
+                log.info("a worker is downloading %s", progress)
+
+    def _tell_waiting(self) -> None:
+        """Each queued prediction's logs say once that it waits for the weights, not a silent queue."""
+        downloads = self.downloads()
+        if not downloads:
+            return
+        line = (
+            f"the worker is downloading the model weights ({'; '.join(map(str, downloads))}); this "
+            "prediction waits in the queue until they are in"
+        )
+        for prediction_id in self.store.queued_ids():
+            if prediction_id in self._told_waiting:
+                continue
+            row = self.store.prediction(prediction_id)
+            if row is not None and self.store.transition(
+                prediction_id, {QUEUED}, logs=row.logs + line + "\n"
+            ):
+                self._told_waiting.add(prediction_id)
+
+    def _write(self, what: str, write: Callable[[], T]) -> T:
+        return self.store.until_written(what, write)
+
     def _dispatch_round(self) -> bool:
         """Send one queued prediction to a free worker; False when there is nothing to send now."""
         workers = self.runner.workers()
-        free = [w for w in workers if w.free]
-        if not free:
+        if not any(w.free for w in workers):
             return False
-        heads: list[tuple[PredictionRow, KlingRequest | None]] = []
-        for mode in MODES:
-            if (row := self.store.next_queued(mode)) is not None:
-                heads.append((row, _request(row)))
+        heads: list[Head] = []
+        for mode in MODES:  # each mode's oldest: FIFO within a mode
+            if (row := self._write("the queue", lambda m=mode: self.store.next_queued(m))) is not None:
+                heads.append((row, stored_request(row)))
         heads.sort(key=lambda head: head[0].seq)
         for row, request in heads:
             problem = refusal(request, workers) if request is not None else None
-            if problem is not None:  # queued before the workers said what they hold: it can never run
+            if problem is not None:  # queued before the workers said what they can hold: it never runs
                 self.finish(row.id, status=FAILED, error=f"{problem.field}: {problem.description}")
                 return True
         choice = choose_worker(heads, workers)
         if choice is None:
             return False
-        queued, worker = choice
-        self._dispatch_one(queued, worker)
+        self._dispatch_one(*choice)
         return True
 
     def _dispatch_one(self, queued: PredictionRow, worker: WorkerView) -> bool:
-        row = self.store.transition(
-            queued.id, {QUEUED}, status=RUNNING, started_at=utcnow(), attempts=queued.attempts + 1
+        row = self._write(
+            f"the start of {queued.id}",
+            lambda: self.store.transition(
+                queued.id, {QUEUED}, status=RUNNING, started_at=utcnow(), attempts=queued.attempts + 1
+            ),
         )
         if row is None:  # canceled meanwhile
             return True
@@ -111,7 +168,10 @@ class Dispatcher:
             self.finish(row.id, status=FAILED, error=str(exc))
             return True
         self._webhook(row, "start")
-        self.store.append_log(row.id, f"running on worker {worker.name}")
+        self._write(
+            f"a log line of {row.id}",
+            lambda: self.store.append_log(row.id, f"running on worker {worker.name}"),
+        )
         self.runner.submit(job, worker.index)
         if (latest := self.store.prediction(row.id)) and latest.cancel_requested:
             self.runner.cancel(row.id)  # a cancel that came between the queue and the worker
@@ -159,19 +219,26 @@ class Dispatcher:
     # cancels
 
     def cancel(self, row: PredictionRow) -> None:
+        """A queued prediction ends here (StorageError when that cannot be recorded: nothing changed); a
+        running one is told to stop, and its worker's `Canceled` ends it."""
         if row.status == QUEUED:
             done = self.store.transition(row.id, {QUEUED}, status=CANCELED, completed_at=utcnow())
             if done is not None:
                 self.ended(done)
                 return
-            row = self.store.prediction(row.id) or row
+            row = self.store.prediction(row.id) or row  # it started (or ended) meanwhile
         if row.status == RUNNING:
-            self.store.transition(row.id, {RUNNING}, cancel_requested=True)
+            try:
+                self.store.transition(row.id, {RUNNING}, cancel_requested=True)
+            except StorageError as exc:  # the worker is told anyway; its outcome is retried until stored
+                log.error("prediction %s: could not record its cancel request (%s)", row.id, exc)
             self.runner.cancel(row.id)  # the worker stops at its next step and reports Canceled
 
     # runner events (from the runner's threads)
 
     def on_event(self, event: Event) -> None:
+        """Called on the runner's threads, one worker's events in order; a write the database refuses is
+        retried here until it lands, so later events of that worker wait behind it."""
         try:
             self._handle(event)
         except Exception:
@@ -179,21 +246,24 @@ class Dispatcher:
 
     def _handle(self, event: Event) -> None:
         match event:
-            case StateChanged(state, detail):
+            case StateChanged(state, detail, download):
                 if state == "SETUP_FAILED":
                     log.error("worker setup failed: %s", detail)
+                self._downloading(download)
                 self.kick()
             case Started() | Capacity() | Holding():
                 pass  # the dispatcher already marked it processing; the runner keeps what workers hold
             case Log(prediction_id, line):
-                row = self.store.append_log(prediction_id, line)
+                row = self._write(
+                    f"a log line of {prediction_id}", lambda: self.store.append_log(prediction_id, line)
+                )
                 if row is not None and row.webhook and "logs" in row.webhook_events_filter:
                     self.webhooks.send_progress(
-                        row.id, row.webhook, "logs", lambda: self._progress_body(prediction_id)
+                        row.id, row.owner, row.webhook, "logs", lambda: self._progress_body(prediction_id)
                     )
             case Succeeded(prediction_id, predict_time, info):
                 output = self.config.output_path(prediction_id)
-                if not output.is_file():
+                if not self._readable(output):
                     self.finish(
                         prediction_id, status=FAILED, error="the output video is missing from the data folder"
                     )
@@ -214,12 +284,15 @@ class Dispatcher:
 
     def _run_again(self, prediction_id: str) -> bool:
         """With `retry_on_restart`, a prediction whose worker died goes back to the queue's front, once."""
-        row = self.store.prediction(prediction_id)
+        row = self._write(f"the retry of {prediction_id}", lambda: self.store.prediction(prediction_id))
         if not self.config.retry_on_restart or row is None or row.attempts >= 2 or row.cancel_requested:
             return False
         line = "the worker process died while this prediction ran; running it again\n"
-        again = self.store.transition(
-            prediction_id, {RUNNING}, status=QUEUED, started_at=None, logs=row.logs + line
+        again = self._write(
+            f"the retry of {prediction_id}",
+            lambda: self.store.transition(
+                prediction_id, {RUNNING}, status=QUEUED, started_at=None, logs=PredictionRow.logs + line
+            ),
         )
         if again is not None:
             log.warning("prediction %s: its worker died; running it again", prediction_id)
@@ -229,31 +302,44 @@ class Dispatcher:
     def finish(
         self, prediction_id: str, *, status: Status, log_line: str | None = None, **changes: Any
     ) -> None:
-        current = self.store.prediction(prediction_id)
+        """End a prediction with `status` if it has not ended yet (compare-and-set), retried until stored."""
+        what = f"the outcome of {prediction_id} ({status})"
+        current = self._write(what, lambda: self.store.prediction(prediction_id))
         if current is None:
             return
-        logs = current.logs + (log_line + "\n" if log_line else "")
         if "predict_time" not in changes and current.started_at is not None:
             changes["predict_time"] = (utcnow() - current.started_at).total_seconds()
-        row = self.store.transition(
-            prediction_id, {QUEUED, RUNNING}, status=status, completed_at=utcnow(), logs=logs, **changes
+        if log_line:
+            changes["logs"] = PredictionRow.logs + log_line + "\n"
+        row = self._write(
+            what,
+            lambda: self.store.transition(
+                prediction_id, {QUEUED, RUNNING}, status=status, completed_at=utcnow(), **changes
+            ),
         )
-        if row is None:  # already ended (a late report after a restart); keep what was decided
-            if status == SUCCEEDED:
-                self.config.output_path(prediction_id).unlink(missing_ok=True)
+        if row is None:  # it had ended already (canceled meanwhile, or a late report): what was decided stays
+            if status == SUCCEEDED and current.status != SUCCEEDED:
+                self.config.output_path(prediction_id).unlink(missing_ok=True)  # nobody will serve it
             return
         self.ended(row)
         self.kick()
 
     def ended(self, row: PredictionRow) -> None:
-        """What follows a prediction's end: its inputs go, waiting requests wake, the terminal webhook."""
+        """What follows a prediction's end: its inputs go, waiting requests wake, the terminal webhook.
+
+        Never raises: the end is already recorded, so a caller (a cancel) has succeeded whatever follows.
+        An input file that cannot be removed now is removed at the next start."""
         for field in IMAGE_FIELDS:
-            self.config.input_path(row.id, field).unlink(missing_ok=True)
+            try:
+                self.config.input_path(row.id, field).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("prediction %s: could not remove its %s input (%s)", row.id, field, exc)
         self.metrics.ended(row)
         with self._lock:
             waiters = list(self._waiters.get(row.id, []))
         for loop, done in waiters:
             loop.call_soon_threadsafe(done.set)
+        self._told_waiting.discard(row.id)
         if row.webhook:
             # The single output (the mp4) exists only at the end, so `output` and `completed` coincide: one
             # terminal delivery serves both filters instead of two copies of the same body.
@@ -268,58 +354,20 @@ class Dispatcher:
         if not row.webhook or event not in row.webhook_events_filter:
             return
         body = _json(prediction_body(row, self.config.base_url(row.base_url)))
-        self.webhooks.send(row.id, row.webhook, event, body, terminal=terminal)
+        self.webhooks.send(row.id, row.owner, row.webhook, event, body, terminal=terminal)
+
+    @staticmethod
+    def _readable(path: Any) -> bool:
+        try:
+            return path.is_file()
+        except OSError:
+            return False
 
     def _progress_body(self, prediction_id: str) -> str | None:
         row = self.store.prediction(prediction_id)
         if row is None or row.status in TERMINAL:
             return None
         return _json(prediction_body(row, self.config.base_url(row.base_url)))
-
-
-def _request(row: PredictionRow) -> KlingRequest | None:
-    try:
-        return KlingRequest.model_validate(row.input)
-    except ValidationError:
-        return None  # `_job` fails it with the reason
-
-
-def choose_worker(
-    heads: list[tuple[PredictionRow, KlingRequest | None]], workers: tuple[WorkerView, ...]
-) -> tuple[PredictionRow, WorkerView] | None:
-    """Which queued head goes to which free worker. Oldest head first, to a free worker that already
-    holds its model if there is one, else to the free worker able to run it whose models the other
-    heads need least. One exception: a head whose model a busy worker holds waits for it (it is next
-    there) while a younger head's model is held by a free worker, which takes that one instead, so two
-    models do not swap places on two GPUs."""
-    free = [w for w in workers if w.free]
-    busy = [w for w in workers if not w.free]
-
-    def holder(request: KlingRequest | None) -> WorkerView | None:
-        return next(
-            (w for w in free if request is None or (w.can_run(request) and w.holds_model_for(request))), None
-        )
-
-    holders = [holder(request) for _, request in heads]
-    for index, (row, request) in enumerate(heads):
-        if holders[index] is not None:
-            return row, holders[index]  # type: ignore[return-value]
-        assert request is not None  # a head that does not validate has a holder (any free worker)
-        able = [w for w in free if w.can_run(request)]
-        if not able:
-            continue
-        held_by_busy = any(w.can_run(request) and w.holds_model_for(request) for w in busy)
-        if held_by_busy and any(h is not None for h in holders[index + 1 :]):
-            continue
-        needed = {
-            offer.model
-            for _, other in heads
-            if other is not None and other is not request
-            for w in free
-            if (offer := w.offer(other)) is not None
-        }
-        return row, min(able, key=lambda w: (len(set(w.holds) & needed), w.index))
-    return None
 
 
 def _json(body: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import re
 import secrets
@@ -10,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .store import FileRow, Store, utcnow
+from .store import FileRow, StorageError, Store, utcnow
 
 MAX_FILE_BYTES = 100 * 1024 * 1024
 CHUNK = 1024 * 1024
@@ -54,8 +55,11 @@ class Files:
                     md5.update(chunk)
                     out.write(chunk)
             partial.rename(self.path(file_id))
+        except OSError as exc:  # full, read-only: the upload is refused (507), nothing is kept
+            raise StorageError(f"the server could not store the file ({exc.strerror})") from None
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # else removed at the next start
+                partial.unlink(missing_ok=True)
         now = utcnow()
         row = FileRow(
             id=file_id,
@@ -69,7 +73,11 @@ class Files:
             expires_at=now + timedelta(seconds=self.retention) if self.retention else None,
             owner=owner,
         )
-        self.store.add(row)
+        try:
+            self.store.add(row)
+        except StorageError:
+            self.path(file_id).unlink(missing_ok=True)
+            raise
         return row
 
     def delete(self, file_id: str, owner: str | None = None) -> bool:

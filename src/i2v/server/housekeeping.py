@@ -6,29 +6,30 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .bodies import BodyBudget
 from .config import ServerConfig
 from .files import Files
-from .runner import Runner
+from .runner import Runner, RunnerState
 from .states import QUEUED, TERMINAL
 from .store import PredictionRow, Store, utcnow
 
 log = logging.getLogger(__name__)
 
 PREDICT_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900, 1200, 1800, 3600)
-RUNNER_STATES = ("STARTING", "READY", "BUSY", "SETUP_FAILED")
+RUNNER_STATES: tuple[RunnerState, ...] = get_args(RunnerState)
 
 
 class Metrics:
     """Counters kept as predictions end, and gauges read from the store at scrape time (right across
     restarts)."""
 
-    def __init__(self, store: Store, runner: Runner) -> None:
-        self.store, self.runner = store, runner
+    def __init__(self, store: Store, runner: Runner, bodies: BodyBudget | None = None) -> None:
+        self.store, self.runner, self.bodies = store, runner, bodies
         self.registry = CollectorRegistry()
         self._predict_time = Histogram(
             "i2v_predict_time_seconds",
@@ -67,7 +68,15 @@ class Metrics:
         state = self.runner.state()
         for name in RUNNER_STATES:
             ready.add_metric([name], 1 if name == state else 0)
-        yield from (queue, by_status, ready)
+        retries = CounterMetricFamily(
+            "i2v_store_write_retries", "Background writes tried again because the database refused them"
+        )
+        retries.add_metric([], self.store.write_retries)
+        yield from (queue, by_status, ready, retries)
+        if self.bodies is not None:
+            held = GaugeMetricFamily("i2v_request_body_bytes", "Bytes of request bodies held in memory now")
+            held.add_metric([], self.bodies.held)
+            yield held
 
     def describe(self) -> list[Any]:
         return []

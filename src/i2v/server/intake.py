@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from ..errors import ImageTooLarge, InputError
+from ..images import FETCH_TIMEOUT, ImageLoader, Pinned, decode_image, too_large
 from ..images import MAX_BYTES as MAX_IMAGE_BYTES
-from ..images import ImageLoader, Pinned, decode_image, too_large
 from ..request import IMAGE_FIELDS, ImageField, KlingRequest
 from .config import ServerConfig
 from .files import Files
@@ -29,18 +29,24 @@ _OWN_FILE = re.compile(r"^/v1/files/(?P<id>[a-z0-9]+)(?:/download)?/?$")
 
 @dataclass(frozen=True)
 class Checked:
-    """A create's body once checked: the request and its webhook (the images are read after the limits)."""
+    """A create's body once checked: the request and its webhook (the images are read after the limits).
+
+    Input keys the model does not take are dropped, as Cog's runtime strips them before `predict()`: only
+    the checked request is stored, and `ignored` names what was left out (in the prediction's logs)."""
 
     request: KlingRequest
     webhook: str | None
     events: list[WebhookEvent]
+    ignored: list[str]
 
 
 class Intake:
     def __init__(self, config: ServerConfig, store: Store, files: Files) -> None:
         self.config, self.store, self.files = config, store, files
         # Image URLs are fetched here, at create, with the SSRF guard; the worker gets the checked bytes.
-        self.loader = ImageLoader(allow_local_paths=False, allow=config.fetch_allow)
+        self.loader = ImageLoader(
+            allow_local_paths=False, allow=config.fetch_allow, timeout=config.fetch_timeout or FETCH_TIMEOUT
+        )
 
     def check(self, body: CreatePrediction) -> Checked:
         """The request model (422 naming `input.<field>`) and the webhook (422 naming `webhook`)."""
@@ -52,7 +58,11 @@ class Intake:
         events = list(body.webhook_events_filter or (WEBHOOK_EVENTS if body.webhook else ["completed"]))
         if webhook:
             self._check_webhook(webhook)
-        return Checked(request=request, webhook=webhook, events=events)
+        unknown = [key for key in body.input if key not in KlingRequest.model_fields]
+        ignored = [key if len(key) <= 40 else key[:37] + "..." for key in unknown[:10]]
+        if len(unknown) > 10:
+            ignored.append(f"and {len(unknown) - 10} more")
+        return Checked(request=request, webhook=webhook, events=events, ignored=ignored)
 
     def pin_webhook(self, url: str) -> Pinned:
         """The SSRF rules image URLs follow, for a webhook receiver (checked again at each delivery)."""

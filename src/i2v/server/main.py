@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import I2VError
 from ..settings import Settings
 from .config import ServerConfig
+from .store import DataDirLock
 
 KEEP_ALIVE_S = 75
 
@@ -24,6 +25,8 @@ def serve(
     try:
         config = ServerConfig.from_env(host=host, port=port, model=model, data_dir=data_dir, no_auth=no_auth)
         Settings()  # the engine's settings too (the workers read them): a bad one stops the start here
+        # SQLite mode: one server per data dir (held until this process ends, however it ends).
+        lock = DataDirLock(config.data_dir)
     except I2VError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -31,7 +34,11 @@ def serve(
 
     from .app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: the CLI configured logging for one-shot commands (warnings only); a server says more
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not every fetch and webhook URL in the log
     if config.no_auth:
         logging.getLogger(__name__).warning("serving WITHOUT authentication on %s", config.host)
     app = create_app(config)
@@ -45,4 +52,5 @@ def serve(
         proxy_headers=True,
         timeout_keep_alive=KEEP_ALIVE_S,
     )
+    lock.release()
     return 0

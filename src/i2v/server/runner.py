@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from ..progress import DownloadProgress
 from ..request import ImageField, KlingRequest, Mode
 from ..speed import RequestPreset
 
-RunnerState = Literal["STARTING", "READY", "BUSY", "SETUP_FAILED"]
+# DOWNLOADING: setting up, and fetching a model's weights into the HF cache (StateChanged.download says how far).
+RunnerState = Literal["STARTING", "DOWNLOADING", "READY", "BUSY", "SETUP_FAILED"]
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,12 @@ class Canceled:
 
 @dataclass(frozen=True)
 class StateChanged:
-    """A worker became ready, busy, idle or failed its setup; `detail` says why when it failed."""
+    """A worker became ready, busy, idle or failed its setup; `detail` says why when it failed. While it
+    pulls weights at set-up the state is DOWNLOADING, sent again as the bytes come in (`download`)."""
 
     state: RunnerState
     detail: str | None = None
+    download: DownloadProgress | None = None
 
 
 @dataclass(frozen=True)
@@ -156,14 +160,16 @@ class Runner(Protocol):
         """Start the workers; events (from any thread) go to `on_event` from now on."""
 
     def state(self) -> RunnerState:
-        """STARTING until a worker is set up; READY with a free slot; BUSY when all are running."""
+        """STARTING until a worker is set up (DOWNLOADING while it fetches weights); READY with a free slot;
+        BUSY when all are running."""
 
     def setup_error(self) -> str | None:
         """Why setup failed, when it did."""
 
     def workers(self) -> tuple[WorkerView, ...]:
-        """Each worker: its modes, whether it is free, what it can serve and what it holds. A runner that
-        cannot tell returns (); the service then admits every request."""
+        """Each worker: its modes, whether it is free (the dispatcher sends jobs only to free ones), what
+        it can serve (`capacity` None until it has said: nothing is refused on its account meanwhile)
+        and what it holds. With no workers at all, creates are admitted and wait."""
 
     def submit(self, job: Job, worker: int) -> None:
         """Run a job on a free worker (one `workers` showed free and able to run it)."""

@@ -28,6 +28,7 @@ class CreatePrediction(BaseModel):
 class PredictionUrls(BaseModel):
     get: str
     cancel: str
+    web: str  # the page showing this prediction, as Replicate links its own
 
 
 class PredictionMetrics(BaseModel):
@@ -51,6 +52,23 @@ class Prediction(BaseModel):
     completed_at: str | None
     urls: PredictionUrls
     metrics: PredictionMetrics
+
+
+class StageShare(BaseModel):
+    name: str
+    share: float  # of the whole predict time
+
+
+class Estimate(BaseModel):
+    """How long clips like this one took here: i2v's own, read-only; the web page shows it as it runs."""
+
+    mode: str
+    duration: int
+    preset: str | None
+    basis: Literal["same inputs", "same mode and duration", "none"]  # which finished clips it is from
+    count: int
+    predict_time: float | None  # median seconds, None without history
+    stages: list[StageShare]  # in the order the engine runs them
 
 
 class Page(BaseModel):
@@ -154,7 +172,7 @@ def prediction_body(row: PredictionRow, base: str, *, status: Status | None = No
         created_at=timestamp(row.created_at),  # type: ignore[arg-type]
         started_at=timestamp(row.started_at),
         completed_at=timestamp(row.completed_at),
-        urls=PredictionUrls(get=url, cancel=f"{url}/cancel"),
+        urls=PredictionUrls(get=url, cancel=f"{url}/cancel", web=f"{base}/?prediction={row.id}"),
         metrics=PredictionMetrics(predict_time=row.predict_time, total_time=total),
     ).model_dump()
 

@@ -8,8 +8,10 @@ It puts the pieces together and applies the per-token limits; each piece lives i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import threading
@@ -20,18 +22,20 @@ from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeVar
 
 from ..parsing import format_bytes
+from ..request import IMAGE_FIELDS
 from .admission import refusal
+from .bodies import BodyBudget
 from .config import ServerConfig
 from .dispatch import Dispatcher
 from .files import Files, new_id
 from .housekeeping import Metrics, Retention
-from .intake import Intake
-from .limits import RateLimiter
+from .intake import Checked, Intake
+from .limits import IntakeSlots, RateLimiter, SlotsBusy
 from .runner import Runner, WorkerView
-from .schemas import APIError, CreatePrediction, invalid, not_found
-from .states import QUEUED
-from .store import FileRow, PredictionRow, Store, utcnow
-from .webhooks import WebhookSender, load_secret
+from .schemas import APIError, CreatePrediction, InvalidField, invalid, not_found
+from .states import QUEUED, SUCCEEDED
+from .store import FileRow, PredictionRow, StorageError, Store, utcnow
+from .webhooks import WebhookSecrets, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +61,19 @@ class Service:
         self.store = Store(config.db_path)
         self.files = Files(self.store, config.files_dir, config.retention)
         self.intake = Intake(config, self.store, self.files)
+        self.secrets = WebhookSecrets(config.data_dir, config.webhook_secret)
         self.webhooks = WebhookSender(
             self.store,
-            load_secret(config.data_dir / "webhook_secret", config.webhook_secret),
+            self.secrets,
             retry_delays=config.webhook_retry_delays,
             guard=self.intake.pin_webhook,
         )
         self.request_limit = RateLimiter(config.request_rate)
         self.create_limit = RateLimiter(config.create_rate)
+        self.intake_slots = IntakeSlots(config.fetches_per_token, config.fetches_total)
+        self.bodies = BodyBudget(config.body_memory)
         self._create_lock = threading.Lock()  # the unfinished-per-token count and the insert go together
-        self.metrics = Metrics(self.store, runner)
+        self.metrics = Metrics(self.store, runner, self.bodies)
         self.dispatcher = Dispatcher(config, self.store, runner, self.webhooks, self.metrics)
         self.retention = Retention(config, self.store, self.files)
         self._stopping = threading.Event()
@@ -85,6 +92,8 @@ class Service:
         for prediction_id in failed:
             if row := self.store.prediction(prediction_id):
                 self.dispatcher.ended(row)
+        self._remove_orphans()
+        self._say_how_urls_are_made()
         self.webhooks.start()
         self.runner.start(self.dispatcher.on_event)
         self._spawn(self.dispatcher.run, "dispatcher")
@@ -101,7 +110,41 @@ class Service:
         self.dispatcher.stop()
         self.runner.stop()
         self.webhooks.stop()
+        self.intake_slots.stop()
         self.store.close()
+
+    def _remove_orphans(self) -> None:
+        """Files a killed server left behind: inputs of predictions no longer waiting, half-written uploads
+        and videos. (A running server removes them as it goes; a SIGKILL leaves them.)"""
+        waiting = self.store.unfinished_ids()
+        orphans = [
+            path for path in self.config.inputs_dir.iterdir() if path.name.partition(".")[0] not in waiting
+        ]
+        orphans += [p for p in self.config.files_dir.glob(".*.part")]
+        orphans += [p for p in self.config.outputs_dir.glob(".*.partial")]
+        removed = 0
+        for path in orphans:
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("could not remove the orphan file %s (%s)", path, exc)
+        if removed:
+            log.warning(
+                "removed %d file(s) left behind by an earlier server (inputs, partial writes)", removed
+            )
+
+    def _say_how_urls_are_made(self) -> None:
+        if self.config.public_url:
+            return
+        if self.config.trusted_hosts:
+            log.info("URLs in answers are built from the Host header, one of I2V_TRUSTED_HOSTS")
+        else:
+            log.warning(
+                "I2V_PUBLIC_URL is not set: URLs in answers and webhooks are built from each request's Host "
+                "header; set I2V_PUBLIC_URL to the address clients use, or I2V_TRUSTED_HOSTS to the host "
+                "names they may send"
+            )
 
     # access
 
@@ -128,7 +171,8 @@ class Service:
         return f"{owner}/{name}" in self.config.model_names
 
     def resolve_version(self, version: str, current: str) -> str:
-        """The model name for a `version`: a known version id, `owner/name` or `owner/name:id`."""
+        """The model name for a `version`: a known version id (filed under the first model name,
+        kwaivgi/kling-v2.1, as Replicate files it), `owner/name` or `owner/name:id`."""
         name, _, vid = version.partition(":")
         if "/" in name:
             if name in self.config.model_names and vid in ("", current):
@@ -147,24 +191,67 @@ class Service:
 
     # predictions
 
-    def create(
+    async def create(
         self, model: str, version: str, body: CreatePrediction, base: str, owner: str = ""
     ) -> PredictionRow:
-        checked = self.intake.check(body)
-        # Refused at once when no worker can ever run it, never queued to fail later.
-        if (problem := refusal(checked.request, self.runner.workers())) is not None:
-            raise invalid("Input validation failed", [problem])
-        self._check_rate(self.create_limit, owner, "predictions")
-        self._check_unfinished(owner)  # before fetching images; again, exactly, when the row goes in
-        images = self.intake.images(checked.request, base, owner)
+        """Check, fetch and store one prediction: either it is stored (and queued) or nothing is.
+
+        The slow part (the webhook's DNS, fetching and decoding the images) runs in the intake's own
+        threads, a few creates per token at once (`IntakeSlots`), within `fetch_timeout` seconds in all."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.fetch_timeout or 30.0
+        try:
+            async with self.intake_slots.slot(owner, loop.time() + timeout) as lease:
+                try:
+                    checked = await lease.run(self.intake.check, body)
+                except TimeoutError:
+                    raise self._too_slow(["webhook"], timeout) from None
+                # Refused at once when no worker can ever run it, never queued to fail later.
+                if (problem := refusal(checked.request, self.runner.workers())) is not None:
+                    raise invalid("Input validation failed", [problem])
+                self._check_rate(self.create_limit, owner, "predictions")
+                await asyncio.to_thread(self._check_unfinished, owner)  # again, exactly, at the insert
+                try:
+                    images = await lease.run(self.intake.images, checked.request, base, owner)
+                except TimeoutError:
+                    fields = [f for f in IMAGE_FIELDS if getattr(checked.request, f) is not None]
+                    raise self._too_slow([f"input.{f}" for f in fields], timeout) from None
+        except SlotsBusy as busy:
+            who = "this token's" if busy.whose == "token" else "the server's"
+            raise APIError(
+                429,
+                "Too many requests",
+                f"{who} image intake is full (creates fetching or decoding images: at most "
+                f"{self.config.fetches_per_token} per token, {self.config.fetches_total} in all); "
+                "try again in a few seconds",
+                headers={"retry-after": "5"},
+            ) from None
+        return await asyncio.to_thread(self._add, model, version, checked, images, base, owner)
+
+    @staticmethod
+    def _too_slow(fields: list[str], timeout: float) -> APIError:
+        rule = f"fetching it did not finish within {timeout:g} s (I2V_FETCH_TIMEOUT)"
+        problems = [InvalidField(type="timeout", field=field, description=rule) for field in fields]
+        return invalid("Input validation failed", problems)
+
+    def _add(
+        self,
+        model: str,
+        version: str,
+        checked: Checked,
+        images: dict[str, bytes],
+        base: str,
+        owner: str,
+    ) -> PredictionRow:
         prediction_id = new_id()
+        ignored = checked.ignored
         row = PredictionRow(
             id=prediction_id,
             model=model,
             version=version,
-            input=body.input,
+            input=checked.request.model_dump(mode="json", exclude_unset=True),  # what was checked, no more
             status=QUEUED,
-            logs="",
+            logs=f"ignored unknown input field(s): {', '.join(ignored)}\n" if ignored else "",
             created_at=utcnow(),
             webhook=checked.webhook,
             webhook_events_filter=checked.events,
@@ -174,22 +261,20 @@ class Service:
             cancel_requested=False,
             owner=owner,
         )
-        saved = [self.config.input_path(prediction_id, field) for field in images]
+        saved = [self.config.input_path(prediction_id, field) for field in images]  # type: ignore[arg-type]
         try:
             try:
                 for path, data in zip(saved, images.values(), strict=True):
                     path.write_bytes(data)
             except OSError as exc:
-                log.error("cannot store the inputs of a new prediction: %s", exc)
-                raise APIError(
-                    507, "Insufficient storage", f"the server could not store the inputs ({exc.strerror})"
-                ) from None
+                raise StorageError(f"the server could not store the inputs ({exc.strerror})") from None
             with self._create_lock:
                 self._check_unfinished(owner)
                 self.store.add(row)
         except BaseException:
             for path in saved:
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # else removed at the next start
+                    path.unlink(missing_ok=True)
             raise
         self.dispatcher.kick()
         return row
@@ -230,6 +315,11 @@ class Service:
             raise not_found(f"output of prediction {prediction_id}")
         return path
 
+    def recent_succeeded(self, limit: int) -> list[PredictionRow]:
+        """The newest succeeded predictions of every owner, for the page's time estimates (timings only
+        leave the service through page_api, never inputs or outputs)."""
+        return self.store.recent(SUCCEEDED, limit)
+
     def predictions(self, cursor: str | None, owner: str) -> Page[PredictionRow]:
         return self._page(PredictionRow, cursor, owner)
 
@@ -258,14 +348,29 @@ class Service:
 
     # webhooks, health, metrics, retention
 
-    def webhook_secret(self) -> str:
-        return self.webhooks.secret
+    def webhook_secret(self, owner: str) -> str:
+        """The secret that signs this token's webhooks (each token its own unless the operator set one)."""
+        return self.secrets.for_owner(owner)
+
+    def account(self, owner: str) -> dict[str, str | None]:
+        """Replicate's account shape for the caller's token (named after its owner id, never the token)."""
+        username = f"token-{owner[:12]}" if owner else "i2v"
+        return {"type": "user", "username": username, "name": username, "github_url": None}
 
     def health(self) -> dict[str, Any]:
         state = self.runner.state()
         body: dict[str, Any] = {"status": state, "queue_depth": self.store.counts_by_status()[QUEUED]}
         if state == "SETUP_FAILED":
             body["setup"] = {"status": "failed", "logs": self.runner.setup_error()}
+        elif downloads := self.dispatcher.downloads():  # a worker fetching weights as it sets up
+            body["setup"] = {
+                "status": "downloading",
+                "logs": "; ".join(map(str, downloads)),
+                "downloads": [
+                    {"model": d.model, "repo": d.repo, "bytes_done": d.done, "bytes_total": d.total}
+                    for d in downloads
+                ],
+            }
         workers = self.runner.workers()
         if workers:
             body["workers"] = [_worker_health(w) for w in workers]
@@ -286,9 +391,10 @@ class Service:
             try:
                 decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
                 after, before = decoded.get("a"), decoded.get("b")
-                if not all(v is None or (isinstance(v, int) and abs(v) < 2**62) for v in (after, before)):
+                # exactly int: JSON's true is a Python bool, which is an int too
+                if not all(v is None or (type(v) is int and abs(v) < 2**62) for v in (after, before)):
                     raise ValueError("not a position")
-            except (binascii.Error, ValueError, AttributeError):
+            except (binascii.Error, ValueError, AttributeError, RecursionError):
                 raise APIError(400, "Invalid request", "the cursor is not one this server made") from None
         store = self.store
         rows, more = store.page(model, after=after, before=before, limit=PAGE_SIZE, owner=owner)

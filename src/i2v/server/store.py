@@ -2,15 +2,28 @@
 
 Rows carry an integer `seq` in creation order: it gives FIFO order to the queue and stable cursors to lists.
 Every method opens its own short transaction, so the store is safe to share between threads.
+
+Every status change is a compare-and-set: one `UPDATE ... WHERE id = ? AND status IN (expected)` whose row
+count says whether it happened, in portable SQLAlchemy Core (the same statement serves PostgreSQL). Whoever
+wins ends the prediction; a late or racing writer (a worker's outcome after a cancel) changes nothing.
+
+A write the database refuses (disk full, read-only, I/O error) is a `StorageError`. The HTTP side answers
+it with 507; background writes that must land (a worker's outcome, a webhook's record) go through
+`until_written`, which retries them, saying so once and counting the retries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -28,12 +41,25 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from ..errors import I2VError
 from ..request import KlingRequest
 from .states import FAILED, QUEUED, RUNNING, STATUSES, UNFINISHED, Status
 
 DEFAULT_MODE: str = KlingRequest.model_fields["mode"].default
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0  # backoff of `until_written`
+
+
+class StorageError(I2VError, OSError):
+    """The data dir or the database refused a write (full, read-only, failing); the HTTP side answers 507."""
+
+
+class DataDirInUse(I2VError):
+    """Another server holds the data dir's lock."""
 
 
 def utcnow() -> datetime:
@@ -100,6 +126,7 @@ class DeliveryRow(Base):
     body: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending|delivered|failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str] = mapped_column(String(64), default="")  # whose secret signs it
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime)
@@ -117,19 +144,54 @@ class Store:
         Base.metadata.create_all(self.engine)
         self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._closed = threading.Event()
+        self._outage_lock = threading.Lock()
+        self._outage_since: float | None = None  # when background writes began to fail, while they do
+        self.write_retries = 0  # background writes tried again because the database refused them
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:  # full, read-only, I/O error, locked: the write did not happen
+            raise StorageError(f"the database refused the write ({exc.orig})") from exc
 
     def close(self) -> None:
+        self._closed.set()
         self.engine.dispose()
+
+    def until_written(self, what: str, write: Callable[[], T]) -> T:
+        """`write()`, retried with backoff while the database refuses it, until it lands (or the store
+        closes, which re-raises). The first refusal is logged once; later ones are only counted."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                result = write()
+            except StorageError as exc:
+                with self._outage_lock:
+                    first = self._outage_since is None
+                    if first:
+                        self._outage_since = time.monotonic()
+                    self.write_retries += 1
+                if first:
+                    log.error("could not record %s: %s; retrying until it can (retries are counted in "
+                              "i2v_store_write_retries_total)", what, exc)  # fmt: skip
+                if self._closed.wait(delay):
+                    raise
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            with self._outage_lock:
+                since, self._outage_since = self._outage_since, None
+            if since is not None:
+                log.warning("the database takes writes again (%s recorded after %.1f s; %d retries so far)",
+                            what, time.monotonic() - since, self.write_retries)  # fmt: skip
+            return result
 
     def _add_missing_columns(self) -> None:
         """Bring a database made by an older version up to date (new columns only, with their defaults)."""
         with self.engine.begin() as conn:
-            for table in (PredictionRow.__table__, FileRow.__table__):
+            for table in (PredictionRow.__table__, FileRow.__table__, DeliveryRow.__table__):
                 present = {c["name"] for c in inspect(conn).get_columns(table.name)}
                 if "owner" not in present:
                     conn.execute(
@@ -159,20 +221,22 @@ class Store:
             )
 
     def transition(
-        self, prediction_id: str, allowed: frozenset[str] | set[str], **changes: Any
+        self, prediction_id: str, expected: Collection[Status], **changes: Any
     ) -> PredictionRow | None:
-        """Apply `changes` only if the prediction's status is in `allowed`; returns the new row, or None."""
+        """Compare-and-set: apply `changes` only if the status is still one of `expected`, in one UPDATE
+        whose WHERE checks it; the row count decides. Returns the row as it now is, or None when the
+        prediction had moved on (or does not exist). `changes` may be SQL expressions
+        (`logs=PredictionRow.logs + line`), evaluated by the database."""
         with self.session() as s:
-            row = s.scalar(
-                select(PredictionRow).where(
-                    PredictionRow.id == prediction_id, PredictionRow.status.in_(allowed)
-                )
+            done = s.execute(
+                update(PredictionRow)
+                .where(PredictionRow.id == prediction_id, PredictionRow.status.in_(list(expected)))
+                .values(**changes)
+                .execution_options(synchronize_session=False)
             )
-            if row is None:
+            if done.rowcount != 1:
                 return None
-            for key, value in changes.items():
-                setattr(row, key, value)
-            return row
+            return s.scalar(select(PredictionRow).where(PredictionRow.id == prediction_id))
 
     def append_log(self, prediction_id: str, line: str) -> PredictionRow | None:
         with self.session() as s:
@@ -191,6 +255,15 @@ class Store:
             query = query.where(stored == mode)
         with self.session() as s:
             return s.scalar(query.order_by(PredictionRow.seq).limit(1))
+
+    def queued_ids(self) -> list[str]:
+        """The predictions waiting for a worker, oldest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(PredictionRow.id).where(PredictionRow.status == QUEUED).order_by(PredictionRow.seq)
+                )
+            )
 
     def page(
         self,
@@ -235,6 +308,12 @@ class Store:
         with self.session() as s:
             return s.scalar(query) > 0
 
+    def recent(self, status: Status, limit: int) -> list[PredictionRow]:
+        """The newest `limit` predictions with that status, every owner's (for time estimates)."""
+        query = select(PredictionRow).where(PredictionRow.status == status)
+        with self.session() as s:
+            return list(s.scalars(query.order_by(PredictionRow.seq.desc()).limit(limit)))
+
     def counts_by_status(self) -> dict[Status, int]:
         with self.session() as s:
             rows = s.execute(select(PredictionRow.status, func.count()).group_by(PredictionRow.status)).all()
@@ -249,16 +328,27 @@ class Store:
         """
         requeued, failed = [], []
         with self.session() as s:
-            for row in s.scalars(select(PredictionRow).where(PredictionRow.status == RUNNING)):
-                if retry and row.attempts < 2:
-                    row.status, row.started_at = QUEUED, None
-                    row.logs += "the server restarted while this prediction ran; running it again\n"
+            running = list(s.scalars(select(PredictionRow).where(PredictionRow.status == RUNNING)))
+        for row in running:
+            if retry and row.attempts < 2:
+                line = "the server restarted while this prediction ran; running it again\n"
+                if self.transition(
+                    row.id, {RUNNING}, status=QUEUED, started_at=None, logs=PredictionRow.logs + line
+                ):
                     requeued.append(row.id)
-                else:
-                    row.status, row.completed_at = FAILED, utcnow()
-                    row.error = "the server stopped while this prediction was running; create it again"
-                    failed.append(row.id)
+            elif self.transition(
+                row.id,
+                {RUNNING},
+                status=FAILED,
+                completed_at=utcnow(),
+                error="the server stopped while this prediction was running; create it again",
+            ):
+                failed.append(row.id)
         return requeued, failed
+
+    def unfinished_ids(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(PredictionRow.id).where(PredictionRow.status.in_(UNFINISHED))))
 
     def expired_predictions(self, before: datetime) -> list[PredictionRow]:
         with self.session() as s:
@@ -315,6 +405,34 @@ class Store:
                     .order_by(DeliveryRow.seq)
                 )
             )
+
+
+class DataDirLock:
+    """An exclusive lock on the data dir (SQLite mode), held for the life of the process: a second server on
+    the same folder would take the first's running predictions for interrupted ones. `flock` is released
+    by the kernel when the process ends, however it ends."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "server.lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"another i2v server (pid {holder}) is using the data dir {data_dir}; "
+                "stop it first, or give this one its own --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

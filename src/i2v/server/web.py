@@ -10,7 +10,14 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
 
 WEB_DIR = Path(str(resources.files("i2v") / "web"))
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+# The page's ES modules and style (no build step); nothing else under web/ is ever served.
+ASSETS = {
+    "style.css": "text/css",
+    **{
+        name: "text/javascript"
+        for name in ("app.js", "api.js", "rules.js", "progress.js", "snippets.js", "history.js", "clip.js")
+    },
+}
 # The page loads only its own script and style; images and clips come as blob:/data: or from the API.
 CSP = (
     "default-src 'self'; img-src 'self' blob: data: https: http:; media-src 'self' blob: https: http:; "

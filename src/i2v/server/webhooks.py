@@ -4,6 +4,9 @@ The signature is HMAC-SHA256 over "{id}.{timestamp}.{body}" keyed with the base6
 so `replicate.webhooks.validate` accepts our deliveries. Non-terminal events (start, output, logs) go out at
 most every 500 ms per prediction, the latest state winning; the terminal event is stored and retried with
 backoff (about a minute in all), across restarts too.
+
+Each token has its own secret, as each Replicate account has (`WebhookSecrets`): one token cannot sign what
+another token's receiver accepts. An operator-set `I2V_WEBHOOK_SECRET` applies to every token, as before.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from ..errors import InputError
-from ..images import Pinned
+from ..images import Pinned, refuse_odd_redirects
 from .config import RETRY_DELAYS
 from .states import WebhookEvent
 from .store import DeliveryRow, Store, utcnow
@@ -44,18 +47,45 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def load_secret(path: Path, configured: str | None = None) -> str:
-    """The signing secret: configured, else kept in the data dir (made on first start, owner-only)."""
-    if configured:
-        return configured
+def _read_or_make(path: Path, make: Callable[[], str]) -> str:
+    """A secret kept in the data dir: read, or made on first start (owner-only)."""
     if path.is_file():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = new_secret()
+    value = make()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(secret)
-    return secret
+        handle.write(value)
+    return value
+
+
+class WebhookSecrets:
+    """The signing secret of each token (by owner id).
+
+    - `I2V_WEBHOOK_SECRET` set: that one secret for every token (the operator chose one, as before).
+    - a data dir from before per-token secrets (its `webhook_secret` file): that secret for every token, so
+      receivers set up with it keep working; deleting the file gives each token its own.
+    - otherwise each token's secret is derived from a key kept in the data dir (`webhook_key`, made on
+      first start): `whsec_` + base64(HMAC-SHA256(key, owner id)); stable across restarts, never stored.
+    """
+
+    def __init__(self, data_dir: Path, configured: str | None = None) -> None:
+        legacy = data_dir / "webhook_secret"
+        self.shared = configured or (legacy.read_text().strip() if legacy.is_file() else None)
+        self.shared_reason = (
+            "I2V_WEBHOOK_SECRET" if configured else f"{legacy} (delete it to give each token its own)"
+        )
+        self._key = None
+        if self.shared is None:
+            key = _read_or_make(data_dir / "webhook_key", lambda: secrets.token_hex(32))
+            self._key = bytes.fromhex(key)
+
+    def for_owner(self, owner: str) -> str:
+        if self.shared is not None:
+            return self.shared
+        assert self._key is not None
+        digest = hmac.new(self._key, f"i2v webhook secret for {owner}".encode(), hashlib.sha256).digest()
+        return "whsec_" + base64.b64encode(digest).decode()
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
@@ -70,13 +100,13 @@ class WebhookSender:
     def __init__(
         self,
         store: Store,
-        secret: str,
+        secrets: WebhookSecrets,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         guard: Callable[[str], Pinned] | None = None,
     ) -> None:
         """`guard` checks a receiver URL before each attempt (the SSRF rules image URLs follow) and pins it to
         the checked address; it raises `InputError` to refuse."""
-        self.store, self.secret, self.retry_delays, self.guard = store, secret, retry_delays, guard
+        self.store, self.secrets, self.retry_delays, self.guard = store, secrets, retry_delays, guard
         self._heap: list[tuple[float, int, str, object]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
@@ -89,7 +119,10 @@ class WebhookSender:
         self._lines: dict[str, collections.deque[DeliveryRow]] = {}
         self._lines_lock = threading.Lock()
         self._client = httpx.Client(
-            timeout=TIMEOUT, follow_redirects=False, headers={"user-agent": "i2v-webhooks"}
+            timeout=TIMEOUT,
+            follow_redirects=False,
+            headers={"user-agent": "i2v-webhooks"},
+            event_hooks={"response": [refuse_odd_redirects]},
         )
         self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
 
@@ -107,29 +140,20 @@ class WebhookSender:
             self._wake.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def send(self, prediction_id: str, url: str, event: WebhookEvent, body: str, *, terminal: bool) -> None:
-        """Send now (a terminal event, or a start); progress should go through `send_progress`."""
+    def send(
+        self, prediction_id: str, owner: str, url: str, event: WebhookEvent, body: str, *, terminal: bool
+    ) -> None:
+        """Send now (a terminal event, or a start); progress should go through `send_progress`.
+
+        Returns at once: the delivery is recorded (retried until the database takes it) and sent on the
+        sender's own threads, so a caller (a cancel) never waits on the database or the receiver."""
         if not terminal:
             self._last_sent[prediction_id] = time.monotonic()
-        self._push(0.0, "deliver", self._record(prediction_id, url, event, body, terminal))
-
-    def send_progress(self, prediction_id: str, url: str, event: WebhookEvent, body: BodyFactory) -> None:
-        """At most one progress webhook per MIN_INTERVAL; a throttled one goes later with the latest state."""
-        with self._wake:
-            if prediction_id in self._flush_pending:
-                return
-            due = self._last_sent.get(prediction_id, 0.0) + MIN_INTERVAL
-            self._flush_pending.add(prediction_id)
-        self._push(max(0.0, due - time.monotonic()), "flush", (prediction_id, url, event, body))
-
-    def forget(self, prediction_id: str) -> None:
-        self._last_sent.pop(prediction_id, None)
-
-    def _record(self, prediction_id: str, url: str, event: str, body: str, terminal: bool) -> DeliveryRow:
         now = utcnow()
         row = DeliveryRow(
             id="msg_" + secrets.token_hex(12),
             prediction_id=prediction_id,
+            owner=owner,
             url=url,
             event=event,
             terminal=terminal,
@@ -139,8 +163,30 @@ class WebhookSender:
             next_attempt_at=now,
             created_at=now,
         )
-        self.store.add(row)
-        return row
+        self._push(0.0, "record", row)
+
+    def send_progress(
+        self, prediction_id: str, owner: str, url: str, event: WebhookEvent, body: BodyFactory
+    ) -> None:
+        """At most one progress webhook per MIN_INTERVAL; a throttled one goes later with the latest state."""
+        with self._wake:
+            if prediction_id in self._flush_pending:
+                return
+            due = self._last_sent.get(prediction_id, 0.0) + MIN_INTERVAL
+            self._flush_pending.add(prediction_id)
+        self._push(max(0.0, due - time.monotonic()), "flush", (prediction_id, owner, url, event, body))
+
+    def forget(self, prediction_id: str) -> None:
+        self._last_sent.pop(prediction_id, None)
+
+    def _record(self, row: DeliveryRow) -> None:
+        what = f"the {row.event} webhook of {row.prediction_id}"
+        self.store.until_written(what, lambda: self.store.add(row))
+        self._enqueue(row)
+
+    def _update(self, row: DeliveryRow, **changes: object) -> None:
+        what = f"the {row.event} webhook of {row.prediction_id}"
+        self.store.until_written(what, lambda: self.store.update_delivery(row.id, **changes))
 
     def _push(self, delay: float, kind: str, payload: object) -> None:
         with self._wake:
@@ -155,10 +201,15 @@ class WebhookSender:
                 if self._stopping:
                     return
                 _, _, kind, payload = heapq.heappop(self._heap)
-            if kind == "flush":
-                self._flush(*payload)  # type: ignore[misc]
-            else:
-                self._enqueue(payload)  # type: ignore[arg-type]
+            try:
+                if kind == "flush":
+                    self._flush(*payload)  # type: ignore[misc]
+                elif kind == "record":
+                    self._record(payload)  # type: ignore[arg-type]
+                else:
+                    self._enqueue(payload)  # type: ignore[arg-type]
+            except Exception:  # the store closed under a retry, or a bug: the loop goes on
+                log.exception("webhook %s failed", kind)
 
     def _enqueue(self, row: DeliveryRow) -> None:
         with self._lines_lock:
@@ -183,12 +234,14 @@ class WebhookSender:
                     del self._lines[prediction_id]
                     return
 
-    def _flush(self, prediction_id: str, url: str, event: str, body: BodyFactory) -> None:
+    def _flush(
+        self, prediction_id: str, owner: str, url: str, event: WebhookEvent, body: BodyFactory
+    ) -> None:
         with self._wake:
             self._flush_pending.discard(prediction_id)
         text = body()
         if text is not None:  # None: the prediction ended meanwhile and its terminal webhook says it all
-            self.send(prediction_id, url, event, text, terminal=False)
+            self.send(prediction_id, owner, url, event, text, terminal=False)
 
     def _attempt(self, row: DeliveryRow) -> None:
         timestamp = int(time.time())
@@ -196,7 +249,7 @@ class WebhookSender:
             "content-type": "application/json",
             "webhook-id": row.id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.secret, row.id, timestamp, row.body),
+            "webhook-signature": sign(self.secrets.for_owner(row.owner), row.id, timestamp, row.body),
         }
         row.attempts += 1
         url, extensions = row.url, {}
@@ -208,13 +261,19 @@ class WebhookSender:
             response = self._client.post(
                 url, content=row.body.encode(), headers=headers, extensions=extensions
             )
-            error = None if response.is_success else f"HTTP {response.status_code}"
+            if response.is_redirect:  # webhooks are not redirected (Replicate's are not either)
+                where = response.headers.get("location", "")[:200]
+                error = f"HTTP {response.status_code}: the receiver redirected to {where}; webhooks do not follow redirects"
+            else:
+                error = None if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
         except InputError as exc:  # the receiver's address is refused (it may have changed since create)
             error = exc.rule
+        except Exception as exc:  # whatever else: an attempt that failed, counted, never pending forever
+            error = f"{type(exc).__name__}: {exc}"
         if error is None:
-            self.store.update_delivery(row.id, state="delivered", attempts=row.attempts, last_error=None)
+            self._update(row, state="delivered", attempts=row.attempts, last_error=None)
             return
         retry = row.terminal and row.attempts <= len(self.retry_delays)
         log.warning(
@@ -227,8 +286,8 @@ class WebhookSender:
         )
         if retry:
             delay = self.retry_delays[row.attempts - 1]
-            self.store.update_delivery(
-                row.id,
+            self._update(
+                row,
                 attempts=row.attempts,
                 last_error=error,
                 next_attempt_at=utcnow() + timedelta(seconds=delay),
@@ -240,4 +299,4 @@ class WebhookSender:
                     "webhook %s for %s to %s: giving up after %d attempts", row.event, row.prediction_id,
                     row.url, row.attempts,
                 )  # fmt: skip
-            self.store.update_delivery(row.id, state="failed", attempts=row.attempts, last_error=error)
+            self._update(row, state="failed", attempts=row.attempts, last_error=error)

@@ -4,6 +4,9 @@ The worker process is the only place the engine (and so torch) is imported. It t
 pipe, in typed messages that pickle as they are: the server sends `RunJob`, `CancelJob` and `StopWorker`;
 the worker answers with the runner's events (`Started`, `Log`, `Succeeded`, ..., `StateChanged`).
 If the server dies, the pipe closes and the worker exits at once, so no orphan keeps the GPU busy.
+
+At start-up a worker pulls and loads the models of its preload modes (`I2V_PRELOAD`) before it reports
+READY; while weights download it reports DOWNLOADING with the bytes (`StateChanged.download`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from ..devices import GROUP_SEPARATOR, WorkerSpec
 from ..parsing import format_bytes
-from ..request import KlingRequest, Mode
+from ..progress import DOWNLOAD_STAGE, DownloadProgress
+from ..request import MODES, KlingRequest, Mode
 from ..speed import REQUEST_PRESETS
 from .runner import (
     Canceled,
@@ -47,6 +51,7 @@ from .runner import (
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..executors import BackendKey
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +92,15 @@ def progress_line(stage: str, step: int | None, total: int | None) -> str:
 class WorkerProcess:
     """One child process on one device, and the thread that reads its events."""
 
-    def __init__(self, index: int, model: str | None, spec: WorkerSpec, on_event: EventCallback) -> None:
-        self.index, self.model, self.spec = index, model, spec
+    def __init__(
+        self,
+        index: int,
+        model: str | None,
+        spec: WorkerSpec,
+        on_event: EventCallback,
+        preload: tuple[Mode, ...] = MODES,
+    ) -> None:
+        self.index, self.model, self.spec, self.preload = index, model, spec, preload
         self.device = spec.device
         self._on_event = on_event
         self._send_lock = threading.Lock()
@@ -106,7 +118,7 @@ class WorkerProcess:
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=worker_main,
-            args=(child, self.model, self.device, self.spec.mode),
+            args=(child, self.model, self.device, self.spec.mode, self.preload),
             name=f"i2v-worker-{self.index}",
             # A group's worker starts its follower ranks, which a daemonic process may not; it still exits
             # as soon as the server's end of the pipe closes, and the runner's stop() (also at exit) ends it.
@@ -143,6 +155,8 @@ class WorkerProcess:
                 self.state, self._crashes = "READY", 0
             case StateChanged("SETUP_FAILED", detail):
                 self.state, self.error = "SETUP_FAILED", detail
+            case StateChanged("DOWNLOADING" | "STARTING" as state):
+                self.state = state
             case Capacity() as capacity:
                 self.capacity = capacity
                 log.info("worker %d (%s) can serve: %s", self.index, self.spec, describe_capacity(capacity))
@@ -210,13 +224,20 @@ class WorkerProcess:
 class LocalRunner:
     """Worker processes on this machine, one per configured device (or group), each with its mode."""
 
-    def __init__(self, model: str | None, devices: tuple[WorkerSpec, ...] = (WorkerSpec(),)) -> None:
-        self.model, self.devices = model, devices
+    def __init__(
+        self,
+        model: str | None,
+        devices: tuple[WorkerSpec, ...] = (WorkerSpec(),),
+        preload: tuple[Mode, ...] = MODES,
+    ) -> None:
+        self.model, self.devices, self.preload = model, devices, preload
         self._workers: list[WorkerProcess] = []
         self._lock = threading.Lock()
 
     def start(self, on_event: EventCallback) -> None:
-        self._workers = [WorkerProcess(i, self.model, d, on_event) for i, d in enumerate(self.devices)]
+        self._workers = [
+            WorkerProcess(i, self.model, d, on_event, self.preload) for i, d in enumerate(self.devices)
+        ]
         atexit.register(self.stop)  # before multiprocessing joins the non-daemonic (group) workers at exit
 
     def _accepting(self) -> list[WorkerProcess]:
@@ -229,7 +250,7 @@ class LocalRunner:
             if self._accepting():
                 return "READY" if "READY" in states else "SETUP_FAILED"
             return "BUSY"
-        return "STARTING"
+        return "DOWNLOADING" if "DOWNLOADING" in states else "STARTING"
 
     def setup_error(self) -> str | None:
         return next((w.error for w in self._workers if w.error), None)
@@ -257,10 +278,18 @@ class LocalRunner:
 # The child process from here on.
 
 
-def worker_main(conn: Connection, model: str | None, device: str | None, mode: Mode | None = None) -> None:
-    """Entry point of a worker process: set up the engine, say what it can serve, then run jobs."""
+def worker_main(
+    conn: Connection,
+    model: str | None,
+    device: str | None,
+    mode: Mode | None = None,
+    preload: tuple[Mode, ...] = MODES,
+) -> None:
+    """Entry point of a worker process: set up the engine, say what it can serve (its `mode`, or every
+    mode) on its memory budget, pull and load the preload modes' models it serves, then run jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per hub request while weights load
     jobs: queue.Queue[Job | None] = queue.Queue()
     send_lock, state_lock = threading.Lock(), threading.Lock()
     running: dict[str, threading.Event] = {}  # the job now running, and its cancel flag
@@ -298,7 +327,6 @@ def worker_main(conn: Connection, model: str | None, device: str | None, mode: M
     try:
         from ..engine import Engine
         from ..images import ImageLoader
-        from ..request import MODES
 
         # Images arrive as the bytes checked at create; the engine never fetches or reads a path here.
         # A device group ("cuda:0+cuda:1") gives an engine that splits each request across its GPUs.
@@ -307,20 +335,17 @@ def worker_main(conn: Connection, model: str | None, device: str | None, mode: M
         log.info(
             "on a budget of %s this worker can serve: %s", _budget(capacity), describe_capacity(capacity)
         )
-        # The first mode that fits loads now (and warms up); the others load on first use.
-        setup = next((o.mode for o in capacity.offers if o.durations and o.preset == "default"), None)
-        if setup is not None:
-            ready.backend(setup)
-            speed = ready.settings.speed
-            if speed.on(speed.warmup, ready.device):  # compile and tune now, not in the first request
-                log.info("warmed up in %.1f s", ready.warm_up((setup,))[setup])
+        send(capacity)  # before any download: a create no worker can hold is refused from now on
+        modes = preload_models(ready, capacity, preload, send)
+        speed = ready.settings.speed
+        if modes and speed.on(speed.warmup, ready.device):  # compile and tune now, not in the first request
+            log.info("warmed up in %s", ready.warm_up(modes))
         engine = ready
     except Exception as exc:
         setup_error = f"model setup failed: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", setup_error, traceback.format_exc())
         send(StateChanged("SETUP_FAILED", setup_error))
     else:
-        send(capacity)
         send(Holding(engine.executor.holds()))
         send(StateChanged("READY"))
 
@@ -339,11 +364,46 @@ def worker_main(conn: Connection, model: str | None, device: str | None, mode: M
             os._exit(70)
 
 
+def preload_models(
+    engine: Engine, capacity: Capacity, modes: tuple[Mode, ...], send: Send
+) -> tuple[Mode, ...]:
+    """Pull (reporting DOWNLOADING with the bytes) and load the model of each preload mode this worker
+    serves and can hold (`capacity`), once per model; returns the modes loaded. A model that would drop
+    another one from memory to fit (no room for it in CPU memory, i2v.residency) is pulled but loads on
+    first use. A prediction for one of them waits in the server's queue meanwhile."""
+    fits = {o.mode for o in capacity.offers if o.preset == "default" and o.durations}
+    distinct: dict[BackendKey, Mode] = {}
+    for mode in modes:
+        if mode not in fits:
+            if any(o.mode == mode for o in capacity.offers):  # its own: it does not fit this worker's budget
+                log.info("not preloading mode %s: it does not fit this worker's memory budget", mode)
+            continue
+        distinct.setdefault(engine.key(mode), mode)
+    last: list[DownloadProgress] = []
+
+    def downloading(progress: DownloadProgress) -> None:
+        last[:] = [progress]
+        send(StateChanged("DOWNLOADING", download=progress))
+
+    loaded = []
+    for key, mode in distinct.items():
+        last.clear()
+        engine.pull(mode, on_download=downloading)
+        if last:
+            send(StateChanged("STARTING"))
+        if loaded and engine.executor.would_drop(key):
+            log.info("pulled %s; it loads on first use (loading it now would drop another model)", key.ref)
+            continue
+        engine.backend(mode)
+        loaded.append(mode)
+    return tuple(loaded)
+
+
 def _run_job(
     job: Job, engine: Engine | None, setup_error: str | None, cancel: threading.Event, send: Send
 ) -> None:
     from .. import errors
-    from ..progress import Progress
+    from ..progress import Progress, StageClock, format_stage_times
 
     send(Started(job.id))
     clock = time.perf_counter()
@@ -353,12 +413,22 @@ def _run_job(
         if engine is None:
             raise errors.I2VError(setup_error or "the model is not set up")
 
+        stages = StageClock()  # the server's time estimates for similar clips come from these lines
+        percent = [-1]  # a download's bytes go to the logs once per percent
+
         def on_progress(progress: Progress) -> None:
+            stages(progress)
+            if progress.stage == DOWNLOAD_STAGE and progress.total:
+                if 100 * (progress.step or 0) // progress.total == percent[0]:
+                    return
+                percent[0] = 100 * (progress.step or 0) // progress.total
             send(Log(job.id, progress_line(progress.stage, progress.step, progress.total)))
 
-        result = engine.generate(
-            job.request, job.output, on_progress=on_progress, cancel=cancel, images=job.images
-        )
+        with engine_log_to(job.id, send):
+            result = engine.generate(
+                job.request, job.output, on_progress=on_progress, cancel=cancel, images=job.images
+            )
+        send(Log(job.id, format_stage_times(stages.finish())))
     except errors.Canceled:
         send(Canceled(job.id))
     except errors.InputError as exc:
@@ -390,6 +460,33 @@ def _run_job(
             fps=result.fps,
         )
         send(Succeeded(job.id, time.perf_counter() - clock, info))
+
+
+class _PredictionLog(logging.Handler):
+    """Copies the engine's log records (which model runs, which negative prompt, what was written) into
+    the prediction's logs, where a client reads them; they also go to the worker's own log as before."""
+
+    def __init__(self, prediction_id: str, send: Send) -> None:
+        super().__init__(logging.INFO)
+        self._id, self._send = prediction_id, send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send(Log(self._id, record.getMessage()))
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def engine_log_to(prediction_id: str, send: Send) -> Iterator[None]:
+    """While one prediction runs, the engine's log lines are that prediction's too (one job at a time)."""
+    engine_log = logging.getLogger("i2v.engine")
+    handler = _PredictionLog(prediction_id, send)
+    engine_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        engine_log.removeHandler(handler)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
