@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from i2v import Engine, KlingRequest, Progress
+from i2v import Engine
 from i2v.backends import resolve
 from i2v.backends.base import ModelInputs
 from i2v.errors import I2VError
@@ -55,31 +55,28 @@ def tiny_bytes(engine: Engine, mode: str) -> int:
     return sum(p.size.bytes for p in cls.parts(spec, "cpu").values())
 
 
-def test_alternating_modes_on_a_budget_that_holds_one_model(tiny: Engine, image_file) -> None:
+def test_alternating_modes_on_a_budget_that_holds_one_model(tiny: Engine) -> None:
+    """Each turn makes room for its model the way a run does (load, then `acquire`), without rendering:
+    the clips themselves are test_memory_server's, end to end."""
     standard, pro = tiny_bytes(tiny, "standard"), tiny_bytes(tiny, "pro")
     budget = max(standard, pro) + min(standard, pro) // 2  # either one, never both
     engine = Engine("tiny", settings=Settings(gpu_memory=budget))
-    start = str(image_file(400, 300))
+    residency = engine.executor.residency
     models = {"standard": engine.key("standard").ref, "pro": engine.key("pro").ref}
     for turn, mode in enumerate(("standard", "pro", "standard", "pro")):
         lines: list[str] = []
-
-        def note(progress: Progress, lines: list[str] = lines) -> None:
-            if progress.stage.startswith("memory:"):
-                lines.append(progress.stage)
-
-        request = KlingRequest(prompt="the sea", start_image=start, mode=mode, seed=turn)  # type: ignore[arg-type]
-        rendered = engine.render(
-            request, on_progress=note
-        )  # the mp4 is the server test's (test_memory_server)
-        assert len(rendered.clip.frames) == rendered.inputs.model_frames == 121
+        report = Reporter(lambda p, lines=lines: lines.append(p.stage), None)
+        engine.backend(mode, report=report)  # type: ignore[arg-type]
+        residency.acquire(models[mode], 0, report)
+        residency.release()
         other = models["pro" if mode == "standard" else "standard"]
         if turn:
             assert any(f"moved {other} to CPU memory" in line for line in lines), lines
         if turn >= 2:
             assert any(f"moved {models[mode]} from CPU memory back" in line for line in lines), lines
         assert engine.executor.holds() == (models[mode],)
-        assert engine.executor.residency.on_device() <= budget
+        assert residency.on_device() <= budget
+        assert set(engine.executor.loaded()) == {engine.key(m) for m in models if turn or m == mode}
 
 
 def test_models_are_dropped_when_cpu_memory_has_no_room(tiny: Engine) -> None:
