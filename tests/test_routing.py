@@ -16,7 +16,7 @@ from i2v.server.admission import refusal
 from i2v.server.routing import choose_worker
 from i2v.server.runner import Capacity, Offer, WorkerView
 from i2v.server.store import PredictionRow
-from i2v.server.worker import serving_capacity
+from i2v.server.worker import preload_models, serving_capacity
 from i2v.settings import Settings
 
 
@@ -114,3 +114,19 @@ def test_worker_specs() -> None:
     ):
         with pytest.raises(I2VError, match=rule):
             worker_spec(bad)
+
+
+def test_preload_loads_only_what_the_worker_serves_and_holds_without_dropping(_cache_dir: Path) -> None:
+    standard, pro = tiny_bytes("wan2.2-ti2v-5b"), tiny_bytes("ltx-2")
+    sent: list[object] = []
+    # A pro worker whose budget holds no pro model: nothing to preload (standard is not its mode).
+    small = Engine("tiny", settings=Settings(gpu_memory=standard * 3 // 2))
+    assert preload_models(small, serving_capacity(small, ("pro",)), MODES, sent.append) == ()
+    assert small.executor.loaded() == ()
+    # Either model fits, never both, and CPU memory takes none: pro is pulled but would drop standard.
+    one = Settings(gpu_memory=max(standard, pro) + min(standard, pro) // 2, offload_memory=0)
+    engine = Engine("tiny", settings=one)
+    assert preload_models(engine, serving_capacity(engine, MODES), MODES, sent.append) == ("standard",)
+    assert engine.executor.loaded() == (engine.key("standard"),)
+    assert engine.executor.would_drop(engine.key("pro"))
+    assert sent == []  # tiny twins are built here, never downloaded
