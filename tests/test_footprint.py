@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from i2v import Engine
 from i2v.backends import BACKENDS
@@ -135,3 +136,14 @@ def test_the_tables_in_docs_memory_md_are_current() -> None:
     assert doc[start:end] == memory_tables(), (
         "run: python -m i2v.models_info, and paste it into docs/memory.md"
     )
+
+
+def test_a_wrapper_tensor_counts_the_tensors_it_holds() -> None:
+    """torchao's float8 weights are wrapper tensors (fp8 data + float32 scales) that report the dtype they
+    stand for; residency counts what they hold (torch's own two-tensor wrapper stands in: no fp8 here)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    layer = torch.nn.Linear(8, 4, bias=False)
+    inner = (torch.zeros(4, 8, dtype=torch.float8_e4m3fn), torch.zeros(4, 8, dtype=torch.float8_e4m3fn))
+    layer.weight = torch.nn.Parameter(TwoTensor(*inner), requires_grad=False)
+    assert layer.weight.element_size() == 1 and tensor_bytes(layer) == 2 * 32

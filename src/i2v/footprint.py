@@ -154,11 +154,22 @@ def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> None:
             tensor.data = tensor.data.to(torch.float32 if kept(name) else dtype)
 
 
+def nbytes(tensor: torch.Tensor) -> int:
+    """A tensor's bytes; a wrapper subclass (torchao's float8 weights: fp8 data and float32 scales) is the
+    sum of the tensors it holds, not its shape at the dtype it reports."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+        return sum(nbytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Parameters and buffers of a module, each tensor once (tied weights are one tensor)."""
     seen: dict[int, int] = {}
     for tensor in [*module.parameters(), *module.buffers()]:
-        seen[id(tensor)] = tensor.numel() * tensor.element_size()
+        seen[id(tensor)] = nbytes(tensor)
     return sum(seen.values())
 
 
