@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .errors import InputError, OutputError
 from .executors import BackendKey, Executor, LocalExecutor, Plan
 from .geometry import fit_image, output_size
 from .images import ImageLoader, decode_image
+from .long_clips import join, next_part, part_inputs, parts_for
 from .parallel import GroupExecutor
 from .progress import DOWNLOAD_STAGE, DownloadCallback, ProgressCallback, Reporter
 from .request import FPS, ImageField, KlingRequest, Mode, RequestPreset
@@ -67,6 +68,7 @@ class Rendered:
     clip: Clip
     plan: Plan
     backend: Backend
+    parts: int = 1  # runs joined into the clip (`i2v.long_clips`)
 
     @property
     def inputs(self) -> ModelInputs:
@@ -235,12 +237,30 @@ class Engine:
         return Plan(request=request, key=key, preset=preset, inputs=inputs, size=size)
 
     def run(self, plan: Plan, report: Reporter, timings: dict[str, float] | None = None) -> Rendered:
-        """Run the model on a plan; the frames come back on the model's grid and at its fps."""
+        """Run the model on a plan; the frames come back on the model's grid and at its fps.
+
+        With `I2V_LONG_CLIPS=extend`, a 10 s clip without an end image is two 5 s runs joined at a frame
+        (`i2v.long_clips`); the denoising steps count across both."""
         timings = timings if timings is not None else {}
         clock = time.perf_counter()
-        clip = self.executor.run(plan, report)
+        backend = self.executor.backend(plan.key)
+        count = parts_for(backend.spec, plan.inputs, self.settings.long_clips)
+        if count == 1:
+            clip = self.executor.run(plan, report)
+        else:
+            log.info(
+                "%d s as %d clips of 5 s, each from the last frame of the one before",
+                plan.request.duration,
+                count,
+            )
+            inputs, parts = part_inputs(backend.spec, plan.inputs), []
+            for index in range(count):
+                if parts:
+                    inputs = next_part(inputs, parts[-1])
+                parts.append(self.executor.run(replace(plan, inputs=inputs), report.part(index, count)))
+            clip = join(parts)
         timings["generate"] = time.perf_counter() - clock
-        return Rendered(clip=clip, plan=plan, backend=self.executor.backend(plan.key))
+        return Rendered(clip=clip, plan=plan, backend=backend, parts=count)
 
     def render(
         self,
@@ -295,18 +315,18 @@ class Engine:
 
         report("encoding video")
         clock = time.perf_counter()
-        metadata = {
-            "title": request.prompt,
-            "comment": {
-                "prompt": request.prompt,
-                "negative_prompt": inputs.negative_prompt,  # what the model was sampled with
-                "negative_prompt_source": inputs.negative_source,
-                "seed": inputs.seed,
-                "model": spec.name,
-                "mode": request.mode,
-                "duration": request.duration,
-            },
+        comment: dict[str, object] = {
+            "prompt": request.prompt,
+            "negative_prompt": inputs.negative_prompt,  # what the model was sampled with
+            "negative_prompt_source": inputs.negative_source,
+            "seed": inputs.seed,
+            "model": spec.name,
+            "mode": request.mode,
+            "duration": request.duration,
         }
+        if rendered.parts > 1:  # I2V_LONG_CLIPS=extend: that many 5 s clips, joined at their seam frames
+            comment["parts"] = rendered.parts
+        metadata = {"title": request.prompt, "comment": comment}
         try:
             path = write_mp4(
                 frames,

@@ -73,6 +73,21 @@ class Reporter:
         """The same reports, another cancel flag."""
         return Reporter(self._callback, cancel)
 
+    def part(self, index: int, count: int) -> Reporter:
+        """The reports of run `index` of `count` alike runs making one clip: denoising steps count across all."""
+        callback = self._callback
+        if callback is None:
+            return self
+
+        def across(progress: Progress) -> None:
+            if progress.stage == "denoising" and progress.step is not None and progress.total is not None:
+                progress = Progress(
+                    "denoising", index * progress.total + progress.step, count * progress.total
+                )
+            callback(progress)
+
+        return Reporter(across, self._cancel)
+
     def __call__(self, stage: str, step: int | None = None, total: int | None = None) -> None:
         self.check_cancel()
         if self._callback is not None:

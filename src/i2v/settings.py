@@ -29,7 +29,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -39,6 +39,8 @@ from .errors import I2VError
 from .parsing import Bytes, CommaList, OptionalBytes
 from .request import MODES, Mode
 from .speed import PRESETS, SPEED_FLAGS, RequestPreset, Speed
+
+LongClips = Literal["one-sequence", "extend"]
 
 TINY_PREFIX = "tiny-"  # `tiny-<backend>`: the backend's tiny random-weight twin (i2v.backends.resolve)
 DEFAULT_MODELS: dict[Mode, str] = {"standard": "wan2.2-ti2v-5b", "pro": "ltx-2"}
@@ -224,6 +226,7 @@ class Settings(EnvSettings):
         "I2V_MIN_FREE_DISK": ("min_free_disk",),
         "I2V_GPU_MEMORY": ("gpu_memory",),
         "I2V_OFFLOAD_MEMORY": ("offload_memory",),
+        "I2V_LONG_CLIPS": ("long_clips",),
     }
 
     cache_dir: Path = Path("~/.cache/i2v")
@@ -252,6 +255,8 @@ class Settings(EnvSettings):
     # Host memory idle models may be moved to (pinned on CUDA) instead of being dropped; 0: always drop;
     # None: what the host has available at the time, less a margin.
     offload_memory: OptionalBytes = None
+    # 10 s clips in one sequence, or as 5 s clips each from the last frame of the one before (i2v.long_clips).
+    long_clips: LongClips = "one-sequence"
 
     @classmethod
     def file_sources(cls) -> tuple[PydanticBaseSettingsSource, ...]:
