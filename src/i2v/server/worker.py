@@ -330,17 +330,18 @@ def worker_main(
 
         # Images arrive as the bytes checked at create; the engine never fetches or reads a path here.
         # A device group ("cuda:0+cuda:1") gives an engine that splits each request across its GPUs.
-        ready = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
-        capacity = serving_capacity(ready, (mode,) if mode else MODES)
+        # A setup that fails after this (a preload's download) leaves the engine to the jobs, which try
+        # again and fail with their own reason if they must.
+        engine = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
+        capacity = serving_capacity(engine, (mode,) if mode else MODES)
         log.info(
             "on a budget of %s this worker can serve: %s", _budget(capacity), describe_capacity(capacity)
         )
         send(capacity)  # before any download: a create no worker can hold is refused from now on
-        modes = preload_models(ready, capacity, preload, send)
-        speed = ready.settings.speed
-        if modes and speed.on(speed.warmup, ready.device):  # compile and tune now, not in the first request
-            log.info("warmed up in %s", ready.warm_up(modes))
-        engine = ready
+        modes = preload_models(engine, capacity, preload, send)
+        speed = engine.settings.speed
+        if modes and speed.on(speed.warmup, engine.device):  # compile and tune now, not in the first request
+            log.info("warmed up in %s", engine.warm_up(modes))
     except Exception as exc:
         setup_error = f"model setup failed: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", setup_error, traceback.format_exc())
