@@ -83,6 +83,14 @@ def stores(url: str, count: int = 2):
 # migrations
 
 
+def claim_oldest(store: Store) -> PredictionRow | None:
+    """What a dispatch round does: claim the oldest queued prediction, the next one when another took it."""
+    while (row := store.next_queued()) is not None:
+        if (claimed := store.claim(row.id)) is not None:
+            return claimed
+    return None
+
+
 def test_the_migrations_make_exactly_the_models_schema(database_url):
     """A fresh database upgraded to head has the tables, columns, types and indexes of the models, no more
     and no less (what `alembic check` compares); opening it again changes nothing."""
@@ -230,7 +238,7 @@ def test_claims_take_each_prediction_once_whichever_server_claims(database_url):
         lock = threading.Lock()
 
         def drain(store: Store) -> None:
-            while (row := store.claim_next()) is not None:
+            while (row := claim_oldest(store)) is not None:
                 with lock:
                     claimed.append((row.id, row.claimed_by, store.claimant))
 
@@ -250,13 +258,13 @@ def test_a_claim_never_takes_a_canceled_prediction_and_keeps_fifo(database_url):
         for n in range(3):
             store.add(queued(f"q{n}"))
         store.transition("q0", {QUEUED}, status=CANCELED)
-        assert [store.claim_next().id, store.claim_next().id, store.claim_next()] == ["q1", "q2", None]
+        assert [claim_oldest(store).id, claim_oldest(store).id, claim_oldest(store)] == ["q1", "q2", None]
 
 
 def test_an_outcome_lands_only_while_its_server_holds_the_claim(database_url):
     with stores(database_url) as (first, second):
         first.add(queued("p1"))
-        assert first.claim_next().claimed_by == first.claimant
+        assert claim_oldest(first).claimed_by == first.claimant
         assert second.transition("p1", {RUNNING}, held_by=second.claimant, status=SUCCEEDED) is None
         assert first.transition("p1", {RUNNING}, held_by=first.claimant, status=SUCCEEDED).status == SUCCEEDED
 
@@ -304,7 +312,7 @@ def test_a_server_whose_connection_ends_is_gone_and_its_claims_are_recovered(pg_
         peers = Peers(a)
         peers.start(lambda *_: None, lambda: None)
         a.add(queued("p1"))
-        a.claim_next()
+        claim_oldest(a)
         a.add(delivery("msg_a", "p1", a.claimant))
         a.add(delivery("msg_old", "p0", None))  # from before claims were recorded: anyone's to send
         assert b.claimants() == {a.claimant, None}
@@ -330,8 +338,8 @@ def test_the_other_servers_hear_a_change_when_it_commits(pg_url):
             a.add_prediction(queued("mine"))  # A's own: not heard
             b.add_prediction(queued("p1"))
             assert heard.get(timeout=WAIT_S) == ("queued", "p1")
-            b.claim_next()  # mine
-            b.claim_next()  # p1
+            claim_oldest(b)  # mine
+            claim_oldest(b)  # p1
             b.transition("p1", {RUNNING}, cancel_requested=True)
             assert heard.get(timeout=WAIT_S) == ("cancel", "p1")
             b.transition("p1", {RUNNING}, status=CANCELED, completed_at=utcnow())

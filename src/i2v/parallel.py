@@ -45,6 +45,7 @@ import torch.distributed as dist
 from .backends import Backend, BackendSpec, Clip
 from .errors import Canceled, I2VError
 from .executors import BackendKey, LocalExecutor, Plan
+from .memory import Need
 from .progress import CancelFlag, Reporter
 from .settings import Settings
 
@@ -151,15 +152,28 @@ class GroupExecutor:
     def spec(self, key: BackendKey) -> tuple[type[Backend], BackendSpec]:
         return self.local.spec(key)
 
+    @property
+    def budget(self) -> int | None:
+        return self.local.budget  # rank 0's; each follower keeps its own device within its own
+
+    def need(self, key: BackendKey) -> Need:
+        return self.local.need(key)
+
+    def holds(self) -> tuple[str, ...]:
+        return self.local.holds()
+
+    def would_drop(self, key: BackendKey) -> bool:
+        return self.local.would_drop(key)
+
     def _splits(self, key: BackendKey) -> bool:
         """Whether this backend runs on the whole group (else rank 0 runs it alone)."""
         return self.spec(key)[0].splits_sequence
 
-    def backend(self, key: BackendKey) -> Backend:
+    def backend(self, key: BackendKey, report: Reporter | None = None) -> Backend:
         if self._splits(key) and key not in self.local.loaded():
             self._send(Load(key))  # every rank loads it: enabling parallelism is collective
-            return self._collective(self.local.backend, key)
-        return self.local.backend(key)
+            return self._collective(self.local.backend, key, report)
+        return self.local.backend(key, report)
 
     def warm_up(self, key: BackendKey) -> None:
         self.backend(key)

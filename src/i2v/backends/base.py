@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..footprint import Activations, Component, Part, parts
 from ..geometry import Grid
 from ..placement import place
 from ..speed import Speed
@@ -122,6 +123,14 @@ class Backend(ABC):
     # Whether diffusers can split the model's sequence across GPUs (its transformer has a `_cp_plan` that
     # works for this pipeline); others run on one GPU of a device group.
     splits_sequence: ClassVar[bool] = False
+    # The parts with weights (i2v.footprint), and the folder of i2v/backends/configs holding their
+    # architecture configs for when the weights are not on this machine. A plugin may leave both empty:
+    # its memory is then unknown, and it is placed as it asks.
+    components: ClassVar[tuple[Component, ...]] = ()
+    configs: ClassVar[str] = ""
+    # The transformers `place` takes to fp8 (fp8 compute in `fast`, fp8 weight storage in `low-vram`);
+    # the memory plan counts them the same way.
+    fp8_modules: ClassVar[tuple[str, ...]] = ("transformer",)
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
@@ -132,6 +141,34 @@ class Backend(ABC):
         self.ranks = ranks  # the size of the device group this backend's process belongs to
         self.pipe: Any = None
         self.placement = ""  # what `load` did for speed, for the log: "attention flash, compiled blocks"
+        # Parts already loaded for another backend with the same weights (i2v.residency): `load` passes
+        # them to `from_pretrained` instead of reading a second copy.
+        self.shared: dict[str, torch.nn.Module] = {}
+
+    @classmethod
+    def parts(cls, spec: BackendSpec, device_type: str) -> dict[str, Part]:
+        """Each part's size at the dtype it loads in on this kind of device, from its config (no weights)."""
+        dtype = device_dtype(torch.device(device_type))
+        return parts(cls.components, spec.source, cls.configs, dtype, fp8=cls.fp8_modules)
+
+    @classmethod
+    def activations(
+        cls, parts: Mapping[str, Part], width: int, height: int, frames: int, *, batch: int, tiled: bool
+    ) -> Activations:
+        """What one generation at width x height x frames (the model's own) adds to the weights on the
+        device, per phase; `batch` is the denoising batch (2 with CFG's passes batched), `tiled` whether
+        the VAE decodes in tiles. Each backend states its formula; the default knows nothing."""
+        return Activations(encode=0, decode=0, denoise=0, formula="not estimated for this backend")
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded parts with weights, by component name (what residency moves and shares)."""
+        pipe = self.pipe
+        found = {}
+        for component in self.components:
+            module = getattr(pipe, component.name, None) if pipe is not None else None
+            if isinstance(module, torch.nn.Module):
+                found[component.name] = module
+        return found
 
     @abstractmethod
     def load(self) -> None:
@@ -146,7 +183,7 @@ class Backend(ABC):
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=("transformer",), parallel_degree=self.parallel_degree
+            pipe, self.device, self.speed, fp8_modules=self.fp8_modules, parallel_degree=self.parallel_degree
         )
 
     @property

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..devices import device_group
+from ..devices import WorkerSpec, worker_spec
 from ..errors import I2VError
 from ..parsing import CommaList, Duration, Flag, Limit, Seconds
 from ..parsing import parse_duration as _parse_duration
@@ -59,8 +59,9 @@ class ServerConfig(EnvSettings):
     - retention: seconds after which outputs and inputs are deleted (`I2V_RETENTION`, e.g. 1h); None: kept.
     - retry_on_restart: a prediction interrupted by a restart of the server or of its worker process runs
       once more instead of failing (`I2V_RETRY_ON_RESTART=1`).
-    - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); None lets the engine choose.
-      An entry may be a group, `cuda:0+cuda:1`: its worker splits each request across those GPUs.
+    - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); unset lets the engine choose.
+      An entry may be a group, `cuda:0+cuda:1`: its worker splits each request across those GPUs; and it
+      may name the one mode its worker serves, `standard@cuda:0,pro@cuda:1+cuda:2` (without: every mode).
     - fetch_allow: hosts or networks image URLs may reach although private (`I2V_FETCH_ALLOW`).
     - max_body_bytes: largest request body outside the Files API (`I2V_MAX_BODY_BYTES`); 413 above it.
     - request_rate / create_rate: API requests / prediction creates per minute per token
@@ -70,7 +71,7 @@ class ServerConfig(EnvSettings):
     - webhook_retry_delays: seconds between retries of a terminal webhook (`I2V_WEBHOOK_RETRY_DELAYS`).
     - preload: the models each worker pulls (downloads when missing) and loads before it reports READY
       (`I2V_PRELOAD`): `all` (every mode's), `standard`, or `none` (each loads on its first prediction);
-      unset: the modes the workers serve, which today is every mode.
+      unset: every mode. Each worker preloads only those it serves (`mode@device`) and can hold on its budget.
     - fetch_timeout: seconds a create may spend on its images, fetches and the wait for a slot included
       (`I2V_FETCH_TIMEOUT`); fetches_per_token / fetches_total: creates fetching or decoding images at
       once, per token and in all (`I2V_FETCHES_PER_TOKEN`, `I2V_FETCHES_TOTAL`), in threads of their own.
@@ -120,7 +121,7 @@ class ServerConfig(EnvSettings):
     public_url: str | None = None
     retention: Duration = None
     retry_on_restart: Flag = False
-    devices: tuple[str | None, ...] = (None,)
+    devices: tuple[WorkerSpec, ...] = (WorkerSpec(),)
     webhook_secret: str | None = None
     # The names the model answers to; the first is the one a create by bare version id is filed under.
     model_names: tuple[str, ...] = ("kwaivgi/kling-v2.1", "i2v/default")
@@ -198,12 +199,10 @@ class ServerConfig(EnvSettings):
     def _devices(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = tuple(spec.strip() for spec in value.split(",") if spec.strip()) or (None,)
-        for spec in value:
-            try:
-                device_group(spec)
-            except I2VError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        try:
+            return tuple(spec if isinstance(spec, WorkerSpec) else worker_spec(spec) for spec in value)
+        except I2VError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("fetch_timeout", "body_timeout")
     @classmethod
@@ -235,7 +234,7 @@ class ServerConfig(EnvSettings):
             return ()
         if self.preload == "standard":
             return ("standard",)
-        return MODES  # "all", and unset: every worker serves every mode
+        return MODES  # "all", and unset: each worker takes the modes it serves (worker.preload_models)
 
     @property
     def db_path(self) -> Path:

@@ -1,7 +1,10 @@
-"""From the queue to the runner and back: jobs out to free slots, events in as status changes.
+"""From the queue to the runner and back: jobs out to free workers, events in as status changes.
 
-Predictions wait in the store (status `starting`) and go to the runner oldest first whenever it has a free
-slot, each as a `Job` with its request and the image bytes checked at create. Runner events update the
+Predictions wait in the store (status `starting`) and go to the runner as `Job`s with their request and
+the image bytes checked at create. The queue is FIFO within each mode: only the oldest queued prediction
+of a mode may go, to a free worker that serves its mode and fits it, preferring one that already holds its
+model (`routing.choose_worker`), so mixed traffic does not make one GPU swap models while another sits
+idle, and a mode whose workers are all busy never holds up another mode. Runner events update the
 store, wake `Prefer: wait` requests and send webhooks. While a worker downloads weights at set-up, the
 downloads are kept for /health-check, logged, and each waiting prediction's logs say what it waits for.
 
@@ -10,7 +13,7 @@ worker's outcome, a restart's recovery) calls `ended`, and a loser changes nothi
 runner events are retried until they land (`Store.until_written`): a full disk delays an outcome, never
 loses it.
 
-With several servers on one database the start is a claim (`Store.claim_next`), a worker's outcome lands
+With several servers on one database the start is a claim (`Store.claim`), a worker's outcome lands
 only while its server still holds the claim, and a prediction that ends on another server wakes the
 requests waiting here through `wake` (the service hears of it from `peers`).
 """
@@ -28,10 +31,25 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from ..progress import DownloadProgress
-from ..request import IMAGE_FIELDS, ImageField, KlingRequest
+from ..request import IMAGE_FIELDS, MODES, ImageField, KlingRequest
+from .admission import refusal
 from .config import ServerConfig
 from .housekeeping import Metrics
-from .runner import Canceled, Event, Failed, Job, Log, Runner, Started, StateChanged, Succeeded
+from .routing import Head, choose_worker, stored_request
+from .runner import (
+    Canceled,
+    Capacity,
+    Event,
+    Failed,
+    Holding,
+    Job,
+    Log,
+    Runner,
+    Started,
+    StateChanged,
+    Succeeded,
+    WorkerView,
+)
 from .schemas import prediction_body
 from .states import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Status, WebhookEvent
 from .store import PredictionRow, StorageError, Store, utcnow
@@ -67,7 +85,7 @@ class Dispatcher:
         while not stopping.is_set():
             self._pending.clear()  # before looking, so a kick during the look is not lost
             try:
-                while self.runner.free_slots() > 0 and self._dispatch_one():
+                while self._dispatch_round():
                     pass
                 if self.downloads():
                     self._tell_waiting()
@@ -119,17 +137,42 @@ class Dispatcher:
     def _write(self, what: str, write: Callable[[], T]) -> T:
         return self.store.until_written(what, write)
 
-    def _dispatch_one(self) -> bool:
-        row = self._write("the start of the next prediction", self.store.claim_next)
-        if row is None:
+    def _dispatch_round(self) -> bool:
+        """Send one queued prediction to a free worker; False when there is nothing to send now."""
+        workers = self.runner.workers()
+        if not any(w.free for w in workers):
             return False
+        heads: list[Head] = []
+        for mode in MODES:  # each mode's oldest: FIFO within a mode
+            if (row := self._write("the queue", lambda m=mode: self.store.next_queued(m))) is not None:
+                heads.append((row, stored_request(row)))
+        heads.sort(key=lambda head: head[0].seq)
+        for row, request in heads:
+            problem = refusal(request, workers) if request is not None else None
+            if problem is not None:  # queued before the workers said what they can hold: it never runs
+                self.finish(row.id, status=FAILED, error=f"{problem.field}: {problem.description}")
+                return True
+        choice = choose_worker(heads, workers)
+        if choice is None:
+            return False
+        self._dispatch_one(*choice)
+        return True
+
+    def _dispatch_one(self, queued: PredictionRow, worker: WorkerView) -> bool:
+        row = self._write(f"the start of {queued.id}", lambda: self.store.claim(queued.id))
+        if row is None:  # canceled meanwhile, or another server's
+            return True
         try:
             job = self._job(row)
         except ValueError as exc:
             self.finish(row.id, status=FAILED, error=str(exc))
             return True
         self._webhook(row, "start")
-        self.runner.submit(job)
+        self._write(
+            f"a log line of {row.id}",
+            lambda: self.store.append_log(row.id, f"running on worker {worker.name}"),
+        )
+        self.runner.submit(job, worker.index)
         if (latest := self.store.prediction(row.id)) and latest.cancel_requested:
             self.runner.cancel(row.id)  # a cancel that came between the queue and the worker
         return True
@@ -217,8 +260,8 @@ class Dispatcher:
                     log.error("worker setup failed: %s", detail)
                 self._downloading(download)
                 self.kick()
-            case Started():
-                pass  # the dispatcher already marked it processing
+            case Started() | Capacity() | Holding():
+                pass  # the dispatcher already marked it processing; the runner keeps what workers hold
             case Log(prediction_id, line):
                 row = self._write(
                     f"a log line of {prediction_id}", lambda: self.store.append_log(prediction_id, line)

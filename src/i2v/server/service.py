@@ -26,7 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, NoReturn, TypeVar
 
+from ..parsing import format_bytes
 from ..request import IMAGE_FIELDS
+from .admission import refusal
 from .bodies import BodyBudget
 from .config import ServerConfig
 from .dispatch import Dispatcher
@@ -35,7 +37,7 @@ from .housekeeping import Metrics, Retention
 from .intake import Checked, Intake
 from .limits import IntakeSlots, Limiter, SlotsBusy, rate_limiter
 from .peers import link
-from .runner import Runner
+from .runner import Runner, WorkerView
 from .schemas import APIError, CreatePrediction, InvalidField, invalid, not_found
 from .states import QUEUED, SUCCEEDED
 from .store import FileRow, PredictionRow, StorageError, Store, utcnow
@@ -264,6 +266,9 @@ class Service:
                     checked = await lease.run(self.intake.check, body)
                 except TimeoutError:
                     raise self._too_slow(["webhook"], timeout) from None
+                # Refused at once when no worker can ever run it, never queued to fail later.
+                if (problem := refusal(checked.request, self.runner.workers())) is not None:
+                    raise invalid("Input validation failed", [problem])
                 await asyncio.to_thread(self._check_rate, self.create_limit, owner, "predictions")
                 await asyncio.to_thread(self._check_unfinished, owner)  # again, exactly, at the insert
                 try:
@@ -429,6 +434,9 @@ class Service:
                     for d in downloads
                 ],
             }
+        workers = self.runner.workers()
+        if workers:
+            body["workers"] = [_worker_health(w) for w in workers]
         return body
 
     def metrics_text(self) -> bytes:
@@ -464,6 +472,29 @@ class Service:
             next_cursor=_cursor({"a": rows[-1].seq}) if older else None,
             previous_cursor=_cursor({"b": rows[0].seq}) if newer else None,
         )
+
+
+def _worker_health(worker: WorkerView) -> dict[str, Any]:
+    """One worker in /health-check: its device and modes, its budget, what it can serve and holds."""
+    body: dict[str, Any] = {"worker": worker.name, "state": worker.state, "modes": list(worker.modes)}
+    capacity = worker.capacity
+    if capacity is not None:
+        budget = capacity.budget_bytes
+        body["memory_budget"] = format_bytes(budget) if budget is not None else None
+        body["serves"] = [
+            {
+                "mode": o.mode,
+                "preset": o.preset,
+                "model": o.model,
+                "placement": o.placement,
+                "durations": list(o.durations),
+                "peak_memory": format_bytes(o.peak_bytes),
+                **({"reason": o.reason} if o.reason else {}),
+            }
+            for o in capacity.offers
+        ]
+        body["holds"] = list(worker.holds)
+    return body
 
 
 def _cursor(value: dict[str, int]) -> str:

@@ -6,7 +6,7 @@ Rows carry an integer `seq` in creation order: it gives FIFO order to the queue 
 Every method opens its own short transaction, so the store is safe to share between threads.
 
 Several servers on one database (PostgreSQL): each store has a `claimant` key, held as an advisory lock
-by that server's `Peers` while it lives. Starting a prediction is a claim (`claim_next`: `FOR UPDATE SKIP
+by that server's `Peers` while it lives. Starting a prediction is a claim (`claim`: `FOR UPDATE SKIP
 LOCKED`, so two servers never take the same row), and a worker's outcome only lands while the claim is
 still its server's; claims of a server that is gone (`gone`) are recovered by whichever server looks
 first. Changes other servers must hear of (an end, a cancel request, a new queued prediction) are
@@ -71,9 +71,11 @@ from sqlalchemy.orm import (
 )
 
 from ..errors import I2VError
+from ..request import KlingRequest
 from . import migrations
 from .states import FAILED, QUEUED, RUNNING, STATUSES, TERMINAL, UNFINISHED, Status
 
+DEFAULT_MODE: str = KlingRequest.model_fields["mode"].default
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0  # backoff of `until_written`
@@ -371,40 +373,36 @@ class Store:
                 self._announce(s, "cancel", prediction_id)
             return s.scalar(select(PredictionRow).where(PredictionRow.id == prediction_id))
 
-    def claim_next(self) -> PredictionRow | None:
-        """Start the oldest queued prediction on this server: it is `processing`, claimed by this store's
-        `claimant`, one attempt more; None when nothing is queued.
+    def claim(self, prediction_id: str) -> PredictionRow | None:
+        """Start a queued prediction on this server: it is `processing`, claimed by this store's `claimant`,
+        one attempt more; None when it is no longer queued (canceled, or another server claimed it first).
 
-        The claim is the one place servers compete for work. On PostgreSQL the row is read `FOR UPDATE
-        SKIP LOCKED`, so servers claiming at once each lock a different row and none waits on another's;
-        SQLite has one server and one writer at a time (`with_for_update` renders nothing there). Either
-        way the UPDATE checks the status it read, so a cancel that commits in between wins."""
-        while True:
-            with self.session() as s:
-                oldest = (
-                    select(PredictionRow.id)
-                    .where(PredictionRow.status == QUEUED)
-                    .order_by(PredictionRow.seq)
-                    .limit(1)
-                    .with_for_update(skip_locked=True)
+        The claim is the one place servers compete for work. On PostgreSQL the row is read `FOR UPDATE SKIP
+        LOCKED`, so a server never waits on another's claim of the same row (it moves on to the next); SQLite
+        has one server and one writer at a time (`with_for_update` renders nothing there). Either way the
+        UPDATE checks the status it read, so a cancel that commits in between wins."""
+        with self.session() as s:
+            locked = (
+                select(PredictionRow.id)
+                .where(PredictionRow.id == prediction_id, PredictionRow.status == QUEUED)
+                .with_for_update(skip_locked=True)
+            )
+            if s.scalar(locked) is None:
+                return None
+            done = s.execute(
+                update(PredictionRow)
+                .where(PredictionRow.id == prediction_id, PredictionRow.status == QUEUED)
+                .values(
+                    status=RUNNING,
+                    started_at=utcnow(),
+                    attempts=PredictionRow.attempts + 1,
+                    claimed_by=self.claimant,
                 )
-                prediction_id = s.scalar(oldest)
-                if prediction_id is None:
-                    return None
-                done = s.execute(
-                    update(PredictionRow)
-                    .where(PredictionRow.id == prediction_id, PredictionRow.status == QUEUED)
-                    .values(
-                        status=RUNNING,
-                        started_at=utcnow(),
-                        attempts=PredictionRow.attempts + 1,
-                        claimed_by=self.claimant,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                if done.rowcount == 1:
-                    return s.scalar(select(PredictionRow).where(PredictionRow.id == prediction_id))
-            # canceled between the read and the write (SQLite): the next oldest
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:
+                return None
+            return s.scalar(select(PredictionRow).where(PredictionRow.id == prediction_id))
 
     def _announce(self, s: Session, kind: str, prediction_id: str) -> None:
         """Tell the other servers on this database, when the transaction commits (NOTIFY is transactional)."""
@@ -420,14 +418,14 @@ class Store:
             )
             return s.scalar(select(PredictionRow).where(PredictionRow.id == prediction_id))
 
-    def next_queued(self) -> PredictionRow | None:
+    def next_queued(self, mode: str | None = None) -> PredictionRow | None:
+        """The oldest queued prediction (of `mode`, read from its stored input; absent means the default)."""
+        query = select(PredictionRow).where(PredictionRow.status == QUEUED)
+        if mode is not None:
+            stored = func.coalesce(PredictionRow.input["mode"].as_string(), DEFAULT_MODE)
+            query = query.where(stored == mode)
         with self.session() as s:
-            return s.scalar(
-                select(PredictionRow)
-                .where(PredictionRow.status == QUEUED)
-                .order_by(PredictionRow.seq)
-                .limit(1)
-            )
+            return s.scalar(query.order_by(PredictionRow.seq).limit(1))
 
     def queued_ids(self) -> list[str]:
         """The predictions waiting for a worker, oldest first."""
