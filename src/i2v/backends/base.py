@@ -18,10 +18,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
+from torch.distributed.device_mesh import DeviceMesh
 
+from ..cfg_parallel import group_mesh
 from ..geometry import Grid
 from ..placement import place
-from ..speed import Speed
+from ..speed import GroupPlan, Speed, group_plan
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total); raises `Canceled` to stop the run."""
@@ -120,8 +122,10 @@ class Backend(ABC):
     # The `fast` preset's FirstBlockCache threshold; None where diffusers cannot cache the model's blocks.
     cache_threshold: ClassVar[float | None] = None
     # Whether diffusers can split the model's sequence across GPUs (its transformer has a `_cp_plan` that
-    # works for this pipeline); others run on one GPU of a device group.
+    # works for this pipeline), and whether this backend can run CFG's two passes on two halves of a
+    # device group (`i2v.cfg_parallel`); a model that can do neither runs on one GPU of a group.
     splits_sequence: ClassVar[bool] = False
+    splits_cfg: ClassVar[bool] = False
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
@@ -132,6 +136,16 @@ class Backend(ABC):
         self.ranks = ranks  # the size of the device group this backend's process belongs to
         self.pipe: Any = None
         self.placement = ""  # what `load` did for speed, for the log: "attention flash, compiled blocks"
+        self.group = self.group_plan(spec, ranks, self.speed)
+        self.mesh: DeviceMesh | None = None  # the group's mesh, where the plan has CFG parallel
+
+    @classmethod
+    def group_plan(cls, spec: BackendSpec, ranks: int, speed: Speed) -> GroupPlan:
+        """How this backend runs on a group of `ranks` (`i2v.speed.group_plan`); known before loading."""
+        return group_plan(
+            ranks, guided=spec.guidance > 1.0, splits_cfg=cls.splits_cfg,
+            splits_sequence=cls.splits_sequence, cfg_parallel=speed.cfg_parallel,
+        )  # fmt: skip
 
     @abstractmethod
     def load(self) -> None:
@@ -145,14 +159,16 @@ class Backend(ABC):
         """
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        if self.group.cfg > 1:
+            self.mesh = group_mesh(self.group, self.device)  # collective: every rank prepares in step
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=("transformer",), parallel_degree=self.parallel_degree
+            pipe, self.device, self.speed, fp8_modules=("transformer",), group=self.group, mesh=self.mesh
         )
 
     @property
     def parallel_degree(self) -> int:
-        """The GPUs one generation is split across: the group's size where the model can be split, else 1."""
-        return self.ranks if self.splits_sequence else 1
+        """The ranks one pass's sequence is split across (Ulysses): 1 alone or with CFG parallel on two."""
+        return self.group.ulysses
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The (width, height) to generate at for an exact output size; the engine fits the images to it."""

@@ -193,7 +193,7 @@ class LTX2(Backend):
         lora_free = self.distilled
         self.placement = place(
             pipe, self.device, self.speed, fp8_modules=("transformer",) if lora_free else (),
-            compile_blocks=lora_free,
+            compile_blocks=lora_free, group=self.group,
         )  # fmt: skip
         self.pipe = pipe
         # The VAE is the pipeline's, already placed; only the upsampler itself moves here.
