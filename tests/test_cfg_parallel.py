@@ -20,7 +20,9 @@ from i2v.errors import I2VError
 from i2v.settings import Settings
 from i2v.speed import GroupPlan, Speed, group_plan
 
-WAN, FASTWAN, LTX2 = (BACKENDS[name] for name in ("wan2.2-ti2v-5b", "fastwan2.2-ti2v-5b", "ltx-2"))
+WAN, FASTWAN, LTX2, LTX2_DISTILLED = (
+    BACKENDS[name] for name in ("wan2.2-ti2v-5b", "fastwan2.2-ti2v-5b", "ltx-2", "ltx-2-distilled")
+)
 
 
 def plan(cls: type, ranks: int, cfg_parallel: bool | None = None) -> GroupPlan:
@@ -44,14 +46,16 @@ def test_where_cfg_parallel_cannot_run_the_plan_says_why() -> None:
     assert plan(FASTWAN, 2, cfg_parallel=True).describe() == (
         "sequence split across 2 ranks (no CFG parallel: the model samples without guidance)"
     )
-    # LTX-2 batches its guidance passes itself, and diffusers 0.42.1 cannot split its sequence.
-    assert plan(LTX2, 2) == GroupPlan(
-        note="no CFG parallel: this pipeline's guidance passes are not split, and its sequence does not split"
+    # diffusers 0.42.1 cannot split LTX-2's sequence: its guided passes split across two ranks, no more.
+    assert plan(LTX2, 2) == GroupPlan(cfg=2, ulysses=1)
+    assert plan(LTX2, 4).describe() == (
+        "rank 0 alone (CFG parallel would use 2 of 4 ranks, and its sequence does not split)"
     )
-    # Without a sequence split, four ranks cannot all be used by two passes.
-    two_halves_only = group_plan(4, guided=True, splits_cfg=True, splits_sequence=False, cfg_parallel=None)
-    assert two_halves_only.ranks == 1 and "4 ranks need a sequence split" in two_halves_only.note
-    assert group_plan(2, guided=True, splits_cfg=True, splits_sequence=False, cfg_parallel=None).cfg == 2
+    assert plan(LTX2_DISTILLED, 2).describe() == (
+        "rank 0 alone (no CFG parallel: the model samples without guidance, and its sequence does not split)"
+    )
+    unsplit = group_plan(2, guided=True, splits_cfg=False, splits_sequence=True, cfg_parallel=None)
+    assert unsplit.note == "no CFG parallel: this pipeline's guidance passes are not split"
 
 
 def test_the_setting_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,6 +99,47 @@ def passes(backend: Backend) -> Iterator[list[tuple[int, int]]]:
     calls: list[tuple[int, int]] = []
     ffn = backend.pipe.transformer.blocks[0].ffn
     handle = ffn.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape[:2])))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_two_ranks_split_ltx2s_four_guided_passes_and_render_the_frames_of_one(
+    _cache_dir: Path, tmp_path: Path
+) -> None:
+    """LTX-2's stage 1: rank 0 runs the conditional row and the STG pass, rank 1 the unconditional row
+    and the modality pass; the unguided refine stage runs on both. One engine batches CFG's rows, so the
+    frames match to float rounding (batch of two against two of one), not bit for bit."""
+    start, end = tmp_path / "start.png", tmp_path / "end.png"
+    start.write_bytes(make_image(300, 300, seed=1))
+    end.write_bytes(make_image(300, 300, seed=2))
+    request = KlingRequest(
+        prompt="a door opens", start_image=str(start), end_image=str(end), mode="pro", seed=2
+    )
+    single = Engine("tiny")
+    group = Engine("tiny", device="cpu+cpu")
+    try:
+        backend = group.backend("pro")
+        assert backend.spec.name == "tiny-ltx-2" and "CFG parallel across 2 ranks" in backend.placement
+        with ltx2_passes(backend) as ours, ltx2_passes(single.backend("pro")) as theirs:
+            frames = group.render(request).clip.frames
+            np.testing.assert_allclose(frames, single.render(request).clip.frames, atol=1e-5)
+    finally:
+        group.close()
+    guided, refine = backend.spec.steps, 3  # tiny stage 1 steps; STAGE_2_DISTILLED_SIGMA_VALUES
+    assert theirs == [2, 1, 1] * guided + [1] * refine  # CFG's pair batched, STG, modality; then refine
+    assert ours == [1, 1] * guided + [1] * refine  # rank 0: the conditional row and STG
+
+
+@contextmanager
+def ltx2_passes(backend: Backend) -> Iterator[list[int]]:
+    """The batch size of each forward through this process's LTX-2 transformer, while open."""
+    calls: list[int] = []
+    block = backend.pipe.transformer.transformer_blocks[0]
+    handle = block.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
     try:
         yield calls
     finally:

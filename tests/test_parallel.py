@@ -32,8 +32,8 @@ from i2v.speed import Speed
 # Batched CFG is on, as it is on GPUs: on the group CFG parallel takes its place for the guided models,
 # while the turbo model (no guidance) keeps the Ulysses split. The single engine runs CFG's two passes one
 # by one, as each rank of the group does, so the frames match bit for bit (batched CFG would round
-# differently: test_speed.py). Pro runs on Wan2.1 FLF2V here, which splits; the default LTX-2 (which does
-# not) is in the server test.
+# differently: test_speed.py). Pro runs on Wan2.1 FLF2V here; the default LTX-2 (its own CFG-parallel
+# hook) is in test_cfg_parallel.py and the server test.
 MODELS = {"standard": "wan2.2-ti2v-5b", "pro": "wan2.1-flf2v-14b"}
 SETTINGS = Settings(speed=Speed(batched_cfg=True), models=MODELS)
 
@@ -201,7 +201,7 @@ def test_a_server_worker_runs_each_prediction_on_its_group(tmp_path: Path, _cach
         )
         standard.wait()
         assert standard.status == "succeeded", standard.error
-        # LTX-2's sequence cannot be split by diffusers 0.42.1: the worker's rank 0 runs it alone.
+        # LTX-2's sequence cannot be split by diffusers 0.42.1, its guided passes can (test_cfg_parallel.py).
         keyframes = {"start_image": data_uri(450, 300, seed=1), "end_image": data_uri(450, 300, seed=2)}
         pro = client.predictions.create(
             model="kwaivgi/kling-v2.1", input={"prompt": "a door opens", "mode": "pro", **keyframes}
@@ -213,7 +213,7 @@ def test_a_server_worker_runs_each_prediction_on_its_group(tmp_path: Path, _cach
             standard.logs
         )
         assert "negative prompt: the model's default" in standard.logs
-        assert "running tiny-ltx-2 on cpu (attention native, rank 0 alone (" in pro.logs
+        assert "running tiny-ltx-2 on cpu (attention native, CFG parallel across 2 ranks);" in pro.logs
         # The warm-up ran before the worker took work: the whole log file, read after the fact.
         assert "warmed up in" in server.log_path.read_text(errors="replace")
     finally:

@@ -111,11 +111,11 @@ def group_plan(
     and unconditional passes on two halves of the group: it needs an even group, a model that samples
     with guidance (`guided`: a negative pass) and a backend whose passes can be split (`splits_cfg`).
     It exchanges one output per step where Ulysses all-to-alls every attention layer, so it comes first;
-    the rest of the group splits each pass's sequence (`splits_sequence`), else a model runs on rank 0.
+    the rest of the group splits each pass's sequence (`splits_sequence`). A model whose sequence does not
+    split uses CFG parallel on a group of two only, and otherwise runs on rank 0 alone.
     """
     if ranks <= 1:
         return GroupPlan()
-    why_not = ""
     if cfg_parallel is False:
         why_not = "CFG parallel off"
     elif not guided:
@@ -124,10 +124,10 @@ def group_plan(
         why_not = "no CFG parallel: this pipeline's guidance passes are not split"
     elif ranks % 2:
         why_not = f"no CFG parallel: a group of {ranks} does not halve"
-    elif not splits_sequence and ranks > 2:
-        why_not = f"no CFG parallel: {ranks} ranks need a sequence split, which this model lacks"
-    if not why_not:
+    elif splits_sequence or ranks == 2:
         return GroupPlan(cfg=2, ulysses=ranks // 2)
+    else:
+        why_not = f"CFG parallel would use 2 of {ranks} ranks"
     if splits_sequence:
         return GroupPlan(ulysses=ranks, note=why_not)
     return GroupPlan(note=f"{why_not}, and its sequence does not split")

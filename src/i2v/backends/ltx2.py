@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +48,7 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from safetensors.torch import save_file
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
+from ..cfg_parallel import GuidancePassesParallel, group_mesh
 from ..geometry import Grid
 from ..placement import place
 from ..speed import Speed
@@ -156,6 +158,9 @@ class LTX2(Backend):
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=32)
     distilled: ClassVar[bool] = False
+    # Stage 1's guided passes split across a group of two (`i2v.cfg_parallel.GuidancePassesParallel`);
+    # diffusers 0.42.1 cannot split LTX-2's sequence (see docs/speed.md).
+    splits_cfg = True
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
@@ -164,6 +169,7 @@ class LTX2(Backend):
         self.upsampler: Any = None
         self.shifted_scheduler: Any = None
         self.fixed_scheduler: Any = None
+        self.guidance_parallel: GuidancePassesParallel | None = None
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The refined (stage 2) size: twice the stage-1 size, which covers half the output on the 32 px grid.
@@ -196,6 +202,9 @@ class LTX2(Backend):
             compile_blocks=lora_free, group=self.group,
         )  # fmt: skip
         self.pipe = pipe
+        if self.group.cfg > 1:  # collective: every rank prepares in step
+            self.mesh = group_mesh(self.group, self.device)
+            self.guidance_parallel = GuidancePassesParallel.attach(pipe.transformer, self.mesh)
         # The VAE is the pipeline's, already placed; only the upsampler itself moves here.
         self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler.to(self.device))
         self.upsampler.set_progress_bar_config(disable=True)
@@ -246,13 +255,19 @@ class LTX2(Backend):
         if not self.distilled:
             pipe.disable_lora()
         pipe.scheduler = self.fixed_scheduler if self.distilled else self.shifted_scheduler
-        video_latents, audio_latents = pipe(
-            **common,
-            width=inputs.width // 2,
-            height=inputs.height // 2,
-            callback_on_step_end=self.step_callback(on_step, total),
-            **stage1,
-        )
+        split = self.guidance_parallel
+        # Whether the pipeline makes both perturbed passes (its do_spatio_temporal_guidance and
+        # do_modality_isolation_guidance); were it wrong, the passes would still come out right, only slower.
+        stg = stage1["stg_scale"] > 0 or stage1["audio_stg_scale"] > 0
+        perturbed_pair = stg and (stage1["modality_scale"] > 1 or stage1["audio_modality_scale"] > 1)
+        with split.armed(perturbed_pair=perturbed_pair) if split else nullcontext():
+            video_latents, audio_latents = pipe(
+                **common,
+                width=inputs.width // 2,
+                height=inputs.height // 2,
+                callback_on_step_end=self.step_callback(on_step, total),
+                **stage1,
+            )
         video_latents = self.upsampler(latents=video_latents, output_type="latent", return_dict=False)[0]
 
         if not self.distilled:
