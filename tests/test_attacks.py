@@ -221,6 +221,7 @@ def wait_terminal(server: ServerProcess, ids: list[str], timeout: float = 300) -
 
 def wait_idle(server: ServerProcess, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
+
     def idle() -> bool:
         health = httpx.get(f"{server.base}/health-check", timeout=10).json()
         return health["status"] == "READY" and health["queue_depth"] == 0

@@ -231,8 +231,8 @@ class Engine:
             model_frames=spec.frames_for(request.duration),
             seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
             audio=request.audio,
-            # Ranks of a device group would each decide on their own share of the tokens.
-            step_cache=preset == "fast" and backend.parallel_degree == 1,
+            # Ranks of a device group would each decide on their own share of the tokens (or pass).
+            step_cache=preset == "fast" and backend.group.ranks == 1,
         )
         return Plan(request=request, key=key, preset=preset, inputs=inputs, size=size)
 

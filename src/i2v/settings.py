@@ -20,6 +20,7 @@ The engine's settings file is TOML, at `$I2V_CONFIG` or else `~/.config/i2v/conf
     attention = "auto"       # or a diffusers attention backend  (env I2V_ATTENTION)
     compile = true           # regional torch.compile; default: on with CUDA (env I2V_COMPILE)
     batched_cfg = true       # CFG passes in one forward; default: on with CUDA (env I2V_BATCHED_CFG)
+    cfg_parallel = true      # a group's CFG passes on different GPUs; default: where it can (env I2V_CFG_PARALLEL)
     warmup = true            # render a short clip at start; default: on with CUDA (env I2V_WARMUP)
 """
 
@@ -216,6 +217,7 @@ class Settings(EnvSettings):
         "I2V_ATTENTION": ("speed", "attention"),
         "I2V_COMPILE": ("speed", "compile"),
         "I2V_BATCHED_CFG": ("speed", "batched_cfg"),
+        "I2V_CFG_PARALLEL": ("speed", "cfg_parallel"),
         "I2V_WARMUP": ("speed", "warmup"),
         "I2V_DEVICE": ("device",),
         "I2V_X264_PRESET": ("x264_preset",),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,6 +49,7 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from safetensors.torch import save_file
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
+from ..cfg_parallel import GuidancePassesParallel, group_mesh
 from ..footprint import (
     Activations,
     Component,
@@ -193,6 +195,9 @@ class LTX2(Backend):
     # The tiny twin's transformer and connectors seed: the distilled checkpoint has its own, and the
     # same Gemma and VAEs, as the real ones do.
     tiny_transformer_seed: ClassVar[int] = 0
+    # Stage 1's guided passes split across a group of two (`i2v.cfg_parallel.GuidancePassesParallel`);
+    # diffusers 0.42.1 cannot split LTX-2's sequence (see docs/speed.md).
+    splits_cfg = True
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
@@ -201,6 +206,7 @@ class LTX2(Backend):
         self.upsampler: Any = None
         self.shifted_scheduler: Any = None
         self.fixed_scheduler: Any = None
+        self.guidance_parallel: GuidancePassesParallel | None = None
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The refined (stage 2) size: twice the stage-1 size, which covers half the output on the 32 px grid.
@@ -229,9 +235,13 @@ class LTX2(Backend):
         # The pipeline batches CFG's passes itself; diffusers' step caches do not know LTX-2's blocks.
         # The base model switches its stage-2 LoRA on and off: neither compiled nor cast to fp8.
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=self.fp8_modules, compile_blocks=self.distilled
-        )
+            pipe, self.device, self.speed, fp8_modules=self.fp8_modules, compile_blocks=self.distilled,
+            group=self.group,
+        )  # fmt: skip
         self.pipe = pipe
+        if self.group.cfg > 1:  # collective: every rank prepares in step
+            self.mesh = group_mesh(self.group, self.device)
+            self.guidance_parallel = GuidancePassesParallel.attach(pipe.transformer, self.mesh)
         # The VAE is the pipeline's, already placed; only the upsampler itself moves here.
         self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler.to(self.device))
         self.upsampler.set_progress_bar_config(disable=True)
@@ -342,13 +352,19 @@ class LTX2(Backend):
         if not self.distilled:
             pipe.disable_lora()
         pipe.scheduler = self.fixed_scheduler if self.distilled else self.shifted_scheduler
-        video_latents, audio_latents = pipe(
-            **common,
-            width=inputs.width // 2,
-            height=inputs.height // 2,
-            callback_on_step_end=self.step_callback(on_step, total),
-            **stage1,
-        )
+        split = self.guidance_parallel
+        # Whether the pipeline makes both perturbed passes (its do_spatio_temporal_guidance and
+        # do_modality_isolation_guidance); were it wrong, the passes would still come out right, only slower.
+        stg = stage1["stg_scale"] > 0 or stage1["audio_stg_scale"] > 0
+        perturbed_pair = stg and (stage1["modality_scale"] > 1 or stage1["audio_modality_scale"] > 1)
+        with split.armed(perturbed_pair=perturbed_pair) if split else nullcontext():
+            video_latents, audio_latents = pipe(
+                **common,
+                width=inputs.width // 2,
+                height=inputs.height // 2,
+                callback_on_step_end=self.step_callback(on_step, total),
+                **stage1,
+            )
         video_latents = self.upsampler(latents=video_latents, output_type="latent", return_dict=False)[0]
 
         if not self.distilled:

@@ -5,7 +5,8 @@ so the clip opens on it. The pipeline ignores `last_image` silently, so this bac
 takes no end frame and the engine refuses one before it gets here.
 
 The prompt is encoded here rather than in the pipeline so that CFG's two passes can run as one batched
-forward (`i2v.batched_cfg`); the pipeline then takes the embeddings instead of the text.
+forward (`i2v.batched_cfg`), or on a device group on two GPUs (`i2v.cfg_parallel`); the pipeline then
+takes the embeddings instead of the text.
 
 Sampling follows Wan's own code (Wan-Video/Wan2.2 `wan/textimage2video.py` and `wan/configs/`, commit
 42bf4cfaa384bc21833865abc2f9e6c0e67233dc): 50 UniPC steps on Wan's flow schedule with shift 5, CFG 5.0,
@@ -31,6 +32,7 @@ from diffusers import (
 from transformers import UMT5EncoderModel
 
 from ..batched_cfg import BatchedCFG
+from ..cfg_parallel import CFGParallel
 from ..errors import ModelUnavailable
 from ..footprint import (
     Activations,
@@ -149,12 +151,13 @@ class WanTI2V(Backend):
     # The tiny twin's transformer seed: a distilled variant has its own transformer and the same encoder
     # and VAE, as the real checkpoints do, so the twins share what the real models share.
     tiny_transformer_seed: ClassVar[int] = 0
+    splits_cfg = True  # the pipeline's cond and uncond calls, which the CFG hooks recognise
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
     ) -> None:
         super().__init__(spec, device, speed, ranks=ranks)
-        self.batched_cfg: BatchedCFG | None = None
+        self.batched_cfg: BatchedCFG | None = None  # CFGParallel on a group with CFG parallel
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
@@ -213,7 +216,9 @@ class WanTI2V(Backend):
         check_text_encoder_tied(pipe.text_encoder)
         pipe.scheduler = wan_scheduler(pipe.scheduler.config, self.spec.shift or 1.0)
         super().prepare(pipe)  # device and speed-ups
-        if self.spec.guidance > 1.0 and self.speed.on(self.speed.batched_cfg, self.device):
+        if self.mesh is not None:  # each CFG half of the group runs one of the two passes
+            self.batched_cfg = CFGParallel.attach(pipe.transformer, self.mesh)
+        elif self.spec.guidance > 1.0 and self.speed.on(self.speed.batched_cfg, self.device):
             self.batched_cfg = BatchedCFG.attach(pipe.transformer)
 
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
