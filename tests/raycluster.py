@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -23,13 +24,16 @@ import psutil
 GPU_RESOURCE = "i2v_gpu"  # stands for a GPU: I2V_RAY_GPU_RESOURCE in the servers of these tests
 OBJECT_STORE_BYTES = 80 * 2**20  # Ray's smallest is 75 MiB
 STARTED = "Ray runtime started."
-# Ray's own knobs, for the head: a node that stops answering is declared dead in about two seconds rather
-# than half a minute, so a node killed mid-clip is out of the cluster before the next test starts.
-FAST_HEALTH_CHECKS = {
+# Ray's own knobs, for the head. A node that stops answering is declared dead in about two seconds rather
+# than half a minute, so a node killed mid-clip is out of the cluster before the next test starts. Ray
+# Client's proxy gives up on a session server that did not start after 10 s rather than 30: one sometimes
+# dies as it starts (ray-project/ray#63202), and the i2v server then connects again.
+HEAD_ENV = {
     "RAY_health_check_initial_delay_ms": "0",
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
+    "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "10",
 }
 
 
@@ -102,10 +106,15 @@ class RayNode:
 
 
 class RayCluster:
-    """A head without the GPU resource (the server's driver attaches to it) and worker nodes that have it."""
+    """A head without the GPU resource (the server's driver attaches to it) and worker nodes that have it.
+
+    The cluster takes a token of its own (`driver_env`, for whoever connects), as a real one should: set
+    explicitly, so that no token file in the home folder (`ray get-auth-token`) changes how it starts."""
 
     def __init__(self, folder: Path, env: dict[str, str]) -> None:
-        self.folder, self.env = folder, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env}
+        self.driver_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.folder = folder
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.driver_env, **env}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.client_address = f"ray://127.0.0.1:{free_port()}"  # Ray Client, for a driver off the cluster
@@ -128,7 +137,7 @@ class RayCluster:
                 "--num-gpus",
                 "0",
             ],
-            FAST_HEALTH_CHECKS,
+            HEAD_ENV,
         )
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> RayNode:

@@ -10,7 +10,9 @@ Every wait is for a state (a status, a line in a prediction's logs, a node's sta
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,19 +43,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path):
         cluster.stop()
 
 
-def ray_server(data_dir: Path, address: str, resource: str, **env: str) -> ServerProcess:
+def ray_server(cluster: RayCluster, data_dir: Path, address: str, resource: str, **env: str) -> ServerProcess:
     """`i2v serve` with its workers on the cluster; each loads a mode's model on first use (`I2V_PRELOAD`),
     so the nodes that join in these tests are ready at once."""
     ray_env = {"I2V_RUNNER": "ray", "I2V_RAY_ADDRESS": address, "I2V_RAY_GPU_RESOURCE": resource}
-    return ServerProcess(
-        data_dir, env={**FAULT_ENV, **MODELS, **ray_env, "I2V_PRELOAD": "none", **env}, model="default"
-    )
+    env = {**FAULT_ENV, **MODELS, **cluster.driver_env, **ray_env, "I2V_PRELOAD": "none", **env}
+    return ServerProcess(data_dir, env=env, model="default")
 
 
 @pytest.fixture(scope="module")
 def server(cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("ray-server") / "data"
-    server = ray_server(data_dir, cluster.address, GPU_RESOURCE, I2V_RETRY_ON_RESTART="1")
+    server = ray_server(cluster, data_dir, cluster.address, GPU_RESOURCE, I2V_RETRY_ON_RESTART="1")
     try:
         server.wait_ready(timeout=300)
         yield server
@@ -129,40 +130,42 @@ def test_cancel_stops_a_clip_on_its_worker_mid_run(server):
     assert after["status"] == "succeeded", after["error"]
 
 
-def test_a_node_lost_mid_clip_runs_it_again_then_fails_it_and_new_nodes_take_the_queue(
+def test_workers_lost_mid_clip_run_it_again_then_fail_it_and_a_new_node_takes_the_queue(
     server, cluster, tmp_path
 ):
-    """Kill the node under a clip: with I2V_RETRY_ON_RESTART it runs again on a node that joins later;
-    kill that one too and the clip fails with a clear error (a second loss is not retried); a third node
-    joins and the queue behind runs there, all without restarting the server."""
-    hold = tmp_path / "never"  # never created: the clip holds mid-run until its node dies
+    """Kill the actor under a clip (as the OOM killer would): with I2V_RETRY_ON_RESTART the clip runs again,
+    on the actor the runner places on that node anew. Kill the whole node under the second run: the clip
+    fails with a clear error (a second loss is not retried). A node that joins later (as the autoscaler
+    would add one) takes the queue behind it, all without restarting the server."""
+    hold = tmp_path / "never"  # never created: the clip holds mid-run until its worker dies
     held = create(server, f"fault:hold={hold}")
     first = wait_for_log(server, held, "1/2 denoising")
     queued = create(server, "behind it")
-    node_a = cluster.node_of(worker_pids(first)[0])
+    actor = worker_pids(first)[0]
+    node_a = cluster.node_of(actor)
+
+    os.kill(actor, signal.SIGKILL)
+    second = wait_for_log(server, held, "1/2 denoising", count=2)
+    assert "running it again" in second["logs"]  # the dispatcher's line: back to the queue's front
+    again = worker_pids(second)[-1]
+    assert again != actor and cluster.node_of(again) is node_a
 
     node_a.kill()
-    wait_for_log(server, held, "running it again")  # the dispatcher's line: back to the queue's front
-    node_b = cluster.add_node()  # as the autoscaler would: the runner places an actor there by itself
-    second = wait_for_log(server, held, "1/2 denoising", count=2)
-    assert cluster.node_of(worker_pids(second)[-1]) is node_b
-
-    node_b.kill()
     lost = server.wait_for(held, TERMINAL, timeout=120)
     assert lost["status"] == "failed"
     assert "the Ray worker at" in lost["error"] and "was lost while running this prediction" in lost["error"]
 
-    node_c = cluster.add_node()
+    node_b = cluster.add_node()
     done = server.wait_for(queued, TERMINAL, timeout=120)
     assert done["status"] == "succeeded", done["error"]
-    assert cluster.node_of(worker_pids(done)[-1]) is node_c
+    assert cluster.node_of(worker_pids(done)[-1]) is node_b
 
 
 def test_a_server_off_the_cluster_reaches_it_through_ray_client(cluster, tmp_path):
     """`I2V_RAY_ADDRESS=ray://...`: the server is a Ray Client, as from a machine outside the cluster. Its
     workers count their GPUs in a resource of their own, so the module's server leaves this node alone."""
     node = cluster.add_node(resource="i2v_gpu_remote")
-    server = ray_server(tmp_path / "data", cluster.client_address, "i2v_gpu_remote")
+    server = ray_server(cluster, tmp_path / "data", cluster.client_address, "i2v_gpu_remote")
     try:
         server.wait_ready(timeout=300)
         running = create(server, "fault:slow:100000")
