@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..request import MODES, Mode
@@ -204,8 +205,11 @@ class RayWorker:
                     for event in self._translate(item):
                         self._runner.emit(event)
         except Exception as exc:  # RayActorError: the actor or its node died, or cannot be reached
-            if not self._runner.stopping:
-                self._lost(exc)
+            if self._runner.stopping:
+                return
+            if not isinstance(exc, RayError):  # ours: say where, and give the job up all the same
+                log.exception("Ray worker %d: handling its events failed", self.index)
+            self._lost(exc)
 
     def _translate(self, item: Outgoing) -> list[Event]:
         match item:
@@ -280,6 +284,7 @@ class RayRunner:
         self._crashes: dict[str, int] = {}  # node -> actors in a row that died there before they were ready
         self._not_before: dict[str, float] = {}  # node -> when the next actor may be placed there
         self._actor_class: Any = None
+        self._told_no_room = False  # that no node has the resource, once until one has
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> RayRunner:
@@ -400,13 +405,23 @@ class RayRunner:
     def _place(self) -> None:
         """One actor per `gpus_per_worker` units of the resource on each live node, where there is none yet."""
         nodes = [node for node in ray.nodes() if node.get("Alive")]
+        rooms = {
+            n["NodeID"]: int(n.get("Resources", {}).get(self.resource, 0) // self.gpus_per_worker)
+            for n in nodes
+        }
+        if not any(rooms.values()) and not self._told_no_room:
+            log.warning(
+                "no node of the Ray cluster has %d %s (I2V_RAY_GPU_RESOURCE) yet: predictions wait in the "
+                "queue until one joins",
+                self.gpus_per_worker,
+                self.resource,
+            )
+        self._told_no_room = not any(rooms.values())
         now = time.monotonic()
         with self._lock:
             if self.stopping:
                 return
-            for node in nodes:
-                node_id = node["NodeID"]
-                room = int(node.get("Resources", {}).get(self.resource, 0) // self.gpus_per_worker)
+            for node_id, room in rooms.items():
                 have = sum(1 for w in self._workers if w.node == node_id)
                 if have >= room or now < self._not_before.get(node_id, 0.0):
                     continue
