@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,15 +52,20 @@ def ray_command() -> str:
 
 
 class RayNode:
-    """One `ray start --block` and everything it starts (raylet, agents, workers)."""
+    """One `ray start --block` and everything it starts (raylet, agents, workers). Its log is in `folder`;
+    Ray's session files are in a short folder of their own (`ray_dir`), since Ray's sockets live there and
+    a socket's path may not exceed 107 bytes."""
 
     def __init__(self, args: list[str], env: dict[str, str], folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
+        self.ray_dir = Path(
+            tempfile.mkdtemp(prefix="i2v-ray-", dir="/tmp" if Path("/tmp").is_dir() else None)
+        )
         self.log_path = folder / "ray-start.log"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [ray_command(), "start", "--block", "--temp-dir", str(folder / "ray"), *args],
+                [ray_command(), "start", "--block", "--temp-dir", str(self.ray_dir), *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -103,6 +109,7 @@ class RayNode:
             with contextlib.suppress(psutil.Error):
                 proc.wait(timeout=10)
         self.process.wait(timeout=10)
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 class RayCluster:
