@@ -140,3 +140,13 @@ def test_the_http_layer_never_imports_torch_at_its_top() -> None:
                 "huggingface_hub",
             }
             assert not heavy, f"{name} reaches {dep}, which imports {heavy}"
+
+
+def test_ray_is_imported_by_the_ray_runner_alone_and_only_when_it_is_chosen() -> None:
+    """Ray is an optional extra: one module imports it, and no module imports that one at its top (the app
+    does, in a function, when `I2V_RUNNER=ray`)."""
+    ray_runner = "i2v.server.ray_runner"
+    for name, (path, tree) in sources().items():
+        if "ray" in {m.split(".")[0] for m in imports(name, path, tree)}:
+            assert name == ray_runner, f"{path} imports ray"
+        assert ray_runner not in imports(name, path, tree, top_only=True), f"{path} imports {ray_runner}"

@@ -20,21 +20,26 @@ from i2v.server.webhooks import new_secret, sign
 
 
 def test_http_layer_never_imports_torch(tmp_path):
-    """Building the whole app (routes, service, runner) leaves torch and diffusers to the worker process."""
+    """Building the whole app (routes, service, runner) leaves torch and diffusers to the worker process;
+    Ray is imported only for a server set to run on it (`I2V_RUNNER=ray`), and brings no torch either."""
     code = (
-        "import sys\n"
+        "import importlib.util, sys\n"
         "from pathlib import Path\n"
         "from i2v.server.app import create_app\n"
         "from i2v.server.config import ServerConfig\n"
         f"app = create_app(ServerConfig(data_dir=Path({str(tmp_path)!r}), tokens=('t',)))\n"
         "import i2v.cli, i2v.server.main, i2v.settings, i2v.speed\n"
+        "print('RAY', 'ray' in sys.modules)\n"
+        "if importlib.util.find_spec('ray'):\n"
+        f"    app = create_app(ServerConfig(data_dir=Path({str(tmp_path)!r}), tokens=('t',), runner='ray'))\n"
+        "    assert 'ray' in sys.modules\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'i2v.engine') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True
     )
-    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert "HEAVY []" in out.stdout and "RAY False" in out.stdout, out.stdout + out.stderr
 
 
 def test_serve_refuses_to_start_without_a_token(tmp_path):

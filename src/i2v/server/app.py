@@ -55,14 +55,21 @@ WAIT_MARGIN = 0.25  # answer a little before the client's read timeout (its wait
 _WAIT = re.compile(r"^wait(?:\s*=\s*(\d+))?$")
 
 
+def configured_runner(config: ServerConfig) -> Runner:
+    """The runner `I2V_RUNNER` names; each is imported only when chosen (Ray is an optional extra)."""
+    if config.runner == "ray":
+        from .ray_runner import RayRunner
+
+        return RayRunner.from_config(config)
+    from .worker import LocalRunner
+
+    return LocalRunner(config.model, config.devices, preload=config.preload_modes)
+
+
 def create_app(config: ServerConfig, runner: Runner | None = None, store: Store | None = None) -> FastAPI:
     """The ASGI app; the service (and the worker processes) start with the app's lifespan. `store`: one
     opened already (`i2v serve` opens it first, so a database it cannot reach stops it with one line)."""
-    if runner is None:
-        from .worker import LocalRunner
-
-        runner = LocalRunner(config.model, config.devices, preload=config.preload_modes)
-    service = Service(config, runner, store)
+    service = Service(config, runner or configured_runner(config), store)
     version = version_id(config.model)
     started = datetime.now(UTC)
 

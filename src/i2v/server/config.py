@@ -6,6 +6,7 @@ Built like the engine's settings (`i2v.settings`): one table names the variables
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,6 +84,12 @@ class ServerConfig(EnvSettings):
     - database_url: where predictions, files and webhooks are recorded (`I2V_DATABASE_URL`): unset, SQLite
       in the data dir (one server); `postgresql+psycopg://user:password@host/db` lets several servers
       share it (docs/deploy.md). `postgresql://` and `postgres://` mean psycopg too.
+    - runner: where predictions run (`I2V_RUNNER`): `local`, worker processes on this machine's devices
+      (`devices`), or `ray`, actors on the GPU nodes of a Ray cluster (`i2v.server.ray_runner`):
+      ray_address (`I2V_RAY_ADDRESS`: `auto` for the cluster this machine is part of, `host:port` of its
+      head, or `ray://host:10001` through Ray Client), ray_gpu_resource (`I2V_RAY_GPU_RESOURCE`: the node
+      resource one GPU is counted in; `GPU` is Ray's own), ray_gpus_per_worker (`I2V_RAY_GPUS_PER_WORKER`:
+      GPUs per actor; above 1 each actor splits a clip across its GPUs like a local group).
     """
 
     ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
@@ -109,6 +116,10 @@ class ServerConfig(EnvSettings):
         "I2V_METRICS_TOKEN": ("metrics_token",),
         "I2V_TRUSTED_HOSTS": ("trusted_hosts",),
         "I2V_DATABASE_URL": ("database_url",),
+        "I2V_RUNNER": ("runner",),
+        "I2V_RAY_ADDRESS": ("ray_address",),
+        "I2V_RAY_GPU_RESOURCE": ("ray_gpu_resource",),
+        "I2V_RAY_GPUS_PER_WORKER": ("ray_gpus_per_worker",),
     }
     error: ClassVar[type[Exception]] = ConfigError
 
@@ -140,6 +151,10 @@ class ServerConfig(EnvSettings):
     metrics_token: str | None = None
     trusted_hosts: CommaList = ()
     database_url: str | None = None
+    runner: Literal["local", "ray"] = "local"
+    ray_address: str = "auto"
+    ray_gpu_resource: str = "GPU"
+    ray_gpus_per_worker: int = Field(default=1, ge=1)
 
     @classmethod
     def from_env(
@@ -217,6 +232,26 @@ class ServerConfig(EnvSettings):
         if value < 1:
             raise ValueError("expected a whole number of 1 or more")
         return value
+
+    @field_validator("ray_address", "ray_gpu_resource")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a value, not blank")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _ray_runner(self) -> ServerConfig:
+        if self.runner != "ray":
+            return self
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("I2V_RUNNER=ray needs Ray, which is not installed here: pip install 'i2v[ray]'")
+        if self.devices != (WorkerSpec(),):
+            raise ValueError(
+                "I2V_DEVICES names this machine's devices, for the local runner; with I2V_RUNNER=ray the "
+                "GPUs are the cluster's (I2V_RAY_GPU_RESOURCE, I2V_RAY_GPUS_PER_WORKER): unset I2V_DEVICES"
+            )
+        return self
 
     @model_validator(mode="after")
     def _needs_a_token(self) -> ServerConfig:

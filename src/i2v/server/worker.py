@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..devices import GROUP_SEPARATOR, WorkerSpec
 from ..parsing import format_bytes
@@ -278,6 +278,15 @@ class LocalRunner:
 # The child process from here on.
 
 
+class Channel(Protocol):
+    """The worker's end of its link to the server: a pipe for a local process (`Connection`), method calls
+    for a Ray actor (`ray_runner.ActorChannel`). `recv` raises EOFError or OSError once the server is gone."""
+
+    def send(self, event: Event) -> None: ...
+
+    def recv(self) -> ToWorker: ...
+
+
 def worker_main(
     conn: Connection,
     model: str | None,
@@ -288,8 +297,27 @@ def worker_main(
     """Entry point of a worker process: set up the engine, say what it can serve (its `mode`, or every
     mode) on its memory budget, pull and load the preload modes' models it serves, then run jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
+    worker_logging()
+    serve(conn, model, device, mode, preload)
+
+
+def worker_logging() -> None:
+    """The engine's INFO lines reach the worker's log, and so (`engine_log_to`) the predictions' logs."""
     logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # also where a host (Ray) configured the root logger first
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per hub request while weights load
+
+
+def serve(
+    conn: Channel,
+    model: str | None,
+    device: str | None,
+    mode: Mode | None = None,
+    preload: tuple[Mode, ...] = MODES,
+) -> None:
+    """A worker's life on any channel: set up the engine, say what it can serve (its `mode`, or every mode),
+    then run the jobs it is sent, one at a time, until
+    the server goes or says stop (the process exits: nothing keeps the GPU once the server is gone)."""
     jobs: queue.Queue[Job | None] = queue.Queue()
     send_lock, state_lock = threading.Lock(), threading.Lock()
     running: dict[str, threading.Event] = {}  # the job now running, and its cancel flag
