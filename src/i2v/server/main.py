@@ -27,6 +27,7 @@ def serve(
         Settings()  # the engine's settings too (the workers read them): a bad one stops the start here
         # SQLite mode: one server per data dir (held until this process ends, however it ends).
         lock = DataDirLock(config.data_dir)
+        config.storage().check()  # a bucket that is missing or refuses these credentials stops the start
     except I2VError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

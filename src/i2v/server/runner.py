@@ -4,7 +4,8 @@ The service hands a `Runner` one `Job` at a time per free slot and learns what h
 Today's runner is a local worker process per GPU (`worker.LocalRunner`); a distributed engine can take its
 place by implementing the same few methods, without touching the HTTP layer. Jobs and events are plain
 dataclasses that pickle as they are, and a job carries everything the model needs (the request and the
-bytes of its images), so no file system is shared with whoever runs it.
+bytes of its images) and where its output goes (a `Storage`, which pickles as its settings), so no file
+system is shared with whoever runs it: the worker puts the mp4 into the storage itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal, Protocol
 
 from ..progress import DownloadProgress
 from ..request import ImageField, KlingRequest
+from .storage import Storage
 
 # DOWNLOADING: setting up, and fetching a model's weights into the HF cache (StateChanged.download says how far).
 RunnerState = Literal["STARTING", "DOWNLOADING", "READY", "BUSY", "SETUP_FAILED"]
@@ -23,12 +25,14 @@ RunnerState = Literal["STARTING", "DOWNLOADING", "READY", "BUSY", "SETUP_FAILED"
 @dataclass(frozen=True)
 class Job:
     """One prediction to run: the validated request, and the bytes of its image inputs as checked at
-    create (the runner fetches nothing). The mp4 is written to `output`."""
+    create (the runner fetches nothing). The mp4 is put into `storage` under the key `output`, its poster
+    frame beside it (`storage.poster_key`), before the job reports `Succeeded`."""
 
     id: str
     request: KlingRequest
     images: dict[ImageField, bytes]
     output: str
+    storage: Storage
 
 
 @dataclass(frozen=True)

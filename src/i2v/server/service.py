@@ -2,8 +2,8 @@
 
 It puts the pieces together and applies the per-token limits; each piece lives in its own module:
 `intake` (what a create must pass), `dispatch` (queue -> runner -> status changes), `housekeeping`
-(metrics, retention), `store`, `files`, `webhooks`. Nothing here imports torch: the model runs behind
-`Runner`.
+(metrics, retention), `store` (the rows), `storage` (the bytes: data folder or bucket), `links` (output
+URLs), `files`, `webhooks`. Nothing here imports torch: the model runs behind `Runner`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, Generic, TypeVar
 
 from ..request import IMAGE_FIELDS
@@ -29,15 +28,19 @@ from .files import Files, new_id
 from .housekeeping import Metrics, Retention
 from .intake import Checked, Intake
 from .limits import IntakeSlots, RateLimiter, SlotsBusy
+from .links import OutputLinks, link_key
 from .runner import Runner
 from .schemas import APIError, CreatePrediction, InvalidField, invalid, not_found
 from .states import QUEUED, SUCCEEDED
-from .store import FileRow, PredictionRow, StorageError, Store, utcnow
+from .storage import input_key, output_key, poster_key
+from .store import FileRow, PredictionRow, Store, utcnow
 from .webhooks import WebhookSecrets, WebhookSender
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
+# Inputs in a bucket other servers write to: one with no row yet may be a create on another server.
+ORPHAN_GRACE = timedelta(minutes=10)
 Row = TypeVar("Row", PredictionRow, FileRow)
 
 
@@ -54,10 +57,11 @@ class Service:
     def __init__(self, config: ServerConfig, runner: Runner) -> None:
         self.config = config
         self.runner = runner
-        config.outputs_dir.mkdir(parents=True, exist_ok=True)
-        config.inputs_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = config.storage()
+        self.storage.check()
         self.store = Store(config.db_path)
-        self.files = Files(self.store, config.files_dir, config.retention)
+        self.files = Files(self.store, self.storage, config.retention)
+        self.links = OutputLinks(config, self.storage, link_key(config.data_dir, config.output_url_secret))
         self.intake = Intake(config, self.store, self.files)
         self.secrets = WebhookSecrets(config.data_dir, config.webhook_secret)
         self.webhooks = WebhookSender(
@@ -72,8 +76,10 @@ class Service:
         self.bodies = BodyBudget(config.body_memory)
         self._create_lock = threading.Lock()  # the unfinished-per-token count and the insert go together
         self.metrics = Metrics(self.store, runner, self.bodies)
-        self.dispatcher = Dispatcher(config, self.store, runner, self.webhooks, self.metrics)
-        self.retention = Retention(config, self.store, self.files)
+        self.dispatcher = Dispatcher(
+            config, self.store, runner, self.webhooks, self.metrics, self.storage, self.links
+        )
+        self.retention = Retention(config, self.store, self.files, self.storage)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -112,21 +118,24 @@ class Service:
         self.store.close()
 
     def _remove_orphans(self) -> None:
-        """Files a killed server left behind: inputs of predictions no longer waiting, half-written uploads
-        and videos. (A running server removes them as it goes; a SIGKILL leaves them.)"""
+        """What a killed server left behind: inputs of predictions no longer waiting, half-written uploads
+        and videos. (A running server removes them as it goes; a SIGKILL leaves them.) In a bucket other
+        servers share, an input with no row yet is kept for a while: it may be another server's create."""
         waiting = self.store.unfinished_ids()
-        orphans = [
-            path for path in self.config.inputs_dir.iterdir() if path.name.partition(".")[0] not in waiting
-        ]
-        orphans += [p for p in self.config.files_dir.glob(".*.part")]
-        orphans += [p for p in self.config.outputs_dir.glob(".*.partial")]
-        removed = 0
-        for path in orphans:
+        cutoff = datetime.now(UTC) - ORPHAN_GRACE
+        removed = self.storage.sweep()
+        for key, modified in list(self.storage.keys("inputs/")):
+            prediction_id = key.removeprefix("inputs/").partition(".")[0]
+            if prediction_id in waiting:
+                continue
+            recent = modified > cutoff
+            if recent and self.storage.shared and self.store.prediction(prediction_id) is None:
+                continue
             try:
-                path.unlink()
+                self.storage.delete(key)
                 removed += 1
-            except OSError as exc:
-                log.warning("could not remove the orphan file %s (%s)", path, exc)
+            except (OSError, ValueError) as exc:
+                log.warning("could not remove the orphan input %s (%s)", key, exc)
         if removed:
             log.warning(
                 "removed %d file(s) left behind by an earlier server (inputs, partial writes)", removed
@@ -256,20 +265,18 @@ class Service:
             cancel_requested=False,
             owner=owner,
         )
-        saved = [self.config.input_path(prediction_id, field) for field in images]  # type: ignore[arg-type]
+        saved: list[str] = []
         try:
-            try:
-                for path, data in zip(saved, images.values(), strict=True):
-                    path.write_bytes(data)
-            except OSError as exc:
-                raise StorageError(f"the server could not store the inputs ({exc.strerror})") from None
+            for field, data in images.items():
+                saved.append(input_key(prediction_id, field))  # type: ignore[arg-type]
+                self.storage.put_bytes(saved[-1], data, "application/octet-stream")  # StorageError: 507
             with self._create_lock:
                 self._check_unfinished(owner)
                 self.store.add(row)
         except BaseException:
-            for path in saved:
+            for key in saved:
                 with contextlib.suppress(OSError):  # else removed at the next start
-                    path.unlink(missing_ok=True)
+                    self.storage.delete(key)
             raise
         self.dispatcher.kick()
         return row
@@ -302,13 +309,40 @@ class Service:
             raise not_found(f"prediction {prediction_id}")
         return row
 
-    def output(self, prediction_id: str, owner: str) -> Path:
-        """The mp4 of one of the owner's predictions (404 while there is none, or once it was removed)."""
+    def output(self, prediction_id: str, owner: str) -> str:
+        """The storage key of the mp4 of one of the owner's predictions (404 while there is none, or once
+        it was removed)."""
         row = self.get(prediction_id, owner)
-        path = self.config.output_path(row.id)
-        if not row.output or row.data_removed or not path.is_file():
+        if not row.output or row.data_removed:
             raise not_found(f"output of prediction {prediction_id}")
-        return path
+        return output_key(row.id)
+
+    def signed_output(self, name: str, expires: str | None, signature: str | None) -> str:
+        """The storage key a signed output link names, once the link checks out (403 saying why, if not)."""
+        return output_key(self.links.verify(name, expires, signature))
+
+    def output_url(self, row: PredictionRow, base: str) -> str | None:
+        return self.links.url(row, base)
+
+    def poster(self, prediction_id: str, owner: str) -> bytes:
+        """The JPEG poster of one of the owner's outputs, as its worker stored it. An output from before
+        posters were stored gets one made from its file now (kept for next time)."""
+        mp4_key = self.output(prediction_id, owner)  # 404 unless the owner's and still there
+        if self.storage.stat(mp4_key) is None:
+            raise not_found(f"output of prediction {prediction_id}")
+        key = poster_key(prediction_id)
+        try:
+            return self.storage.read(key)
+        except FileNotFoundError:
+            mp4 = self.storage.local_path(mp4_key)
+            if mp4 is None or not mp4.is_file():
+                raise not_found(f"poster of prediction {prediction_id}") from None
+        from ..video import poster_jpeg
+
+        data = poster_jpeg(mp4)
+        with contextlib.suppress(OSError):
+            self.storage.put_bytes(key, data, "image/jpeg")
+        return data
 
     def recent_succeeded(self, limit: int) -> list[PredictionRow]:
         """The newest succeeded predictions of every owner, for the page's time estimates (timings only
@@ -331,8 +365,8 @@ class Service:
             raise not_found(f"file {file_id}")
         return row
 
-    def file_path(self, row: FileRow) -> Path:
-        return self.files.path(row.id)
+    def file_key(self, row: FileRow) -> str:
+        return self.files.key(row.id)
 
     def delete_file(self, file_id: str, owner: str) -> None:
         if not self.files.delete(file_id, owner):
