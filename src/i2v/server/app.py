@@ -312,12 +312,12 @@ def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
         expires: str | None = None,
         signature: str | None = None,
     ) -> Response:
-        key = service.signed_output(name, expires, signature)  # 403 saying why when the link is not good
+        key, left = service.signed_output(name, expires, signature)  # 403 saying why when it is not good
         headers = {
             # The link is the credential: any page may fetch it (as Replicate's outputs), none may cache
             # it past its expiry.
             "access-control-allow-origin": "*",
-            "cache-control": f"private, max-age={service.links.remaining(expires or '0')}",
+            "cache-control": f"private, max-age={left}",
         }
         return _output(request, service, key, f"output {name}", headers)
 

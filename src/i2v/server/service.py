@@ -317,9 +317,11 @@ class Service:
             raise not_found(f"output of prediction {prediction_id}")
         return output_key(row.id)
 
-    def signed_output(self, name: str, expires: str | None, signature: str | None) -> str:
-        """The storage key a signed output link names, once the link checks out (403 saying why, if not)."""
-        return output_key(self.links.verify(name, expires, signature))
+    def signed_output(self, name: str, expires: str | None, signature: str | None) -> tuple[str, int]:
+        """The storage key a signed output link names, once the link checks out (403 saying why, if not),
+        and the seconds the link has left."""
+        key = output_key(self.links.verify(name, expires, signature))
+        return key, self.links.remaining(expires or "0")
 
     def output_url(self, row: PredictionRow, base: str) -> str | None:
         return self.links.url(row, base)
