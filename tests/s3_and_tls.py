@@ -81,6 +81,7 @@ class TLSProxy:
         self.port, self.target = port, target
         self.url = f"https://127.0.0.1:{port}"
         self._loop = asyncio.new_event_loop()
+        self._connections: set[asyncio.Task[None]] = set()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ca.server_context(), ready), daemon=True)
         self._thread.start()
@@ -95,10 +96,20 @@ class TLSProxy:
         self._loop.run_forever()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._relay(reader, writer)
+        finally:
+            self._connections.discard(task)
+            with contextlib.suppress(OSError, ssl.SSLError):
+                writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
-            writer.close()
             return
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -117,7 +128,9 @@ class TLSProxy:
     def stop(self) -> None:
         async def close() -> None:
             self._server.close()
-            await self._server.wait_closed()
+            for connection in list(self._connections):  # idle keep-alive connections, left open
+                connection.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)

@@ -28,6 +28,7 @@ import pytest
 import replicate
 from conftest import probe
 from fastapi.testclient import TestClient
+from hardening import FAULT_ENV
 from replicate.helpers import FileOutput
 from s3_and_tls import AWS_ENV, LocalCA, MotoS3, tls_in_front
 from serverproc import MODEL, TOKEN, ServerProcess, data_uri, free_port
@@ -366,14 +367,20 @@ class Served:
 
 @pytest.fixture(scope="module", params=["local", "s3"])
 def served(request, tmp_path_factory, ca: LocalCA, moto: MotoS3, _cache_dir) -> Iterator[Served]:
-    """`i2v serve` with the tiny model on local disk or on S3, behind https."""
+    """`i2v serve` behind https: on S3 with the tiny model; on local disk, which the rest of the suite
+    renders with the tiny model already, with the fault-injection backend (black frames through the same
+    writer, at once), to keep the suite's time."""
     port = free_port()
     env = {"I2V_PUBLIC_URL": f"https://127.0.0.1:{port}", **AWS_ENV}
-    storage = None
+    storage, model = None, "tiny"
     if request.param == "s3":
         storage = S3Storage(moto.new_bucket(), PREFIX, moto.endpoint)
         env |= {"I2V_STORAGE_URL": f"s3://{storage.bucket}/{PREFIX}", "I2V_S3_ENDPOINT_URL": moto.endpoint}
-    server = ServerProcess(tmp_path_factory.mktemp(f"storage-{request.param}") / "data", env=env)
+    else:
+        env |= FAULT_ENV
+        model = "fault-injection"
+    data_dir = tmp_path_factory.mktemp(f"storage-{request.param}") / "data"
+    server = ServerProcess(data_dir, env=env, model=model)
     try:
         server.wait_ready()
         with tls_in_front(ca, port, server.port) as proxy:

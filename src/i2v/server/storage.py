@@ -161,7 +161,7 @@ class LocalStorage:
         target = self.path(key)
         partial = target.with_name(f".{target.name}.partial")
         try:
-            with self._errors(f"write {key}"):
+            with self._errors(f"store {key}"):
                 partial.write_bytes(data)
                 partial.replace(target)
         finally:
@@ -174,7 +174,7 @@ class LocalStorage:
             path.replace(target)  # from the staging folder: the same file system, a rename
         except OSError as exc:
             if exc.errno != errno.EXDEV:
-                raise StorageError(f"{self.describe()}: could not write {key} ({exc.strerror})") from None
+                raise StorageError(f"{self.describe()}: could not store {key} ({exc.strerror})") from None
             self.put_bytes(key, path.read_bytes(), content_type)  # from another file system: copied
             path.unlink(missing_ok=True)
 
@@ -337,13 +337,13 @@ class S3Storage:
             ) from None
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        with self._errors(f"put {key}"):
+        with self._errors(f"could not store {key}"):
             self.client.put_object(
                 Bucket=self.bucket, Key=self.name(key), Body=data, ContentType=content_type
             )
 
     def put_file(self, key: str, path: Path, content_type: str) -> None:
-        with self._errors(f"upload {key}"):
+        with self._errors(f"could not store {key}"):
             self.client.upload_file(
                 str(path), self.bucket, self.name(key), ExtraArgs={"ContentType": content_type}
             )
