@@ -44,6 +44,15 @@ if [ -n "$extras" ] && ! command -v chromium >/dev/null; then
         echo "setup: no chromium here (and not root with apt-get): the browser tests will be skipped"
     fi
 fi
+# The several-servers tests start a real PostgreSQL (Debian's, in a temporary cluster; never a system service).
+if [ -n "$extras" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing postgresql (apt) for the several-servers tests"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "setup: no PostgreSQL here (and not root with apt-get): the PostgreSQL tests will be skipped"
+    fi
+fi
 # axe-core and the official JS client for the browser tests, pinned by tests/web-tools/package-lock.json
 # (npm ci installs exactly that, into the ignored tests/web-tools/node_modules).
 if [ -n "$extras" ]; then

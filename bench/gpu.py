@@ -46,7 +46,9 @@ from bench.warmup import NEW_SHAPE, new_shape_requests
 from i2v.backends import BACKENDS
 from i2v.backends.base import Backend, BackendSpec, ModelInputs
 from i2v.backends.wan_ti2v import wan_scheduler
+from i2v.fp8 import fp8_unsupported
 from i2v.geometry import fit_image
+from i2v.memory import cfg_batch, one_run, speed_placement
 from i2v.speed import Speed
 from i2v.video import to_uint8, write_mp4
 
@@ -134,6 +136,19 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def planned_peak_gib(backend: Backend, inputs: ModelInputs) -> float | None:
+    """The memory plan's peak for this run (`i2v.memory.one_run`: the weights as the backend's preset
+    places them + the formula's activations), to set beside the measured `peak_gpu_memory_gib`."""
+    device = backend.device
+    if device.type != "cuda":
+        return None  # on a CPU the plan counts no activations (they are host memory)
+    cls, speed = type(backend), backend.speed
+    placement = speed_placement(cls, speed, fp8_unsupported(device) is None)
+    batch = cfg_batch(backend.spec, speed.on(speed.batched_cfg, device))
+    size = (inputs.width, inputs.height, inputs.model_frames)
+    return one_run(cls, cls.parts(backend.spec, "cuda"), placement, size, batch).peak / 2**30
+
+
 def run_stock(
     pipe: Any, spec: BackendSpec, inputs: ModelInputs, device: torch.device
 ) -> tuple[dict[str, Any], np.ndarray]:
@@ -180,6 +195,7 @@ def run_ours(
         "first_run_s": first,
         "prepare_s": prepare_s,
         "peak_gpu_memory_gib": peak_gib(device),
+        "planned_peak_gib": planned_peak_gib(backend, inputs),
     }
     return figures, frames
 

@@ -1,17 +1,21 @@
-"""Context parallelism: one request on a device group against the same request on its first device alone.
+"""A device group: one request on the group, per plan, against the same request on its first device alone.
 
-    python -m bench.parallel --devices cuda:0+cuda:1 [--model wan2.2-ti2v-5b=/models/ti2v] [--repeats 2]
+    python -m bench.parallel --devices cuda:0+cuda:1 --plans cfg,ulysses [--model wan2.2-ti2v-5b=/m/ti2v]
     python -m bench.parallel --devices cpu+cpu --model tiny      # CI-sized: two CPU ranks over gloo
 
-Both engines live in this run: `Engine` on the first device, then `Engine` on the whole group
-(its followers load the model with `from_pretrained`, so on GPUs this needs the real weights: a hub id,
-the HF cache or a local folder). Each renders the same standard-mode request and seed; the report gives
-the median model time (`generate`: text encoder, denoising, VAE) and end-to-end time of each, the
-speed-up (single / group), and whether the two sides' frames are identical. The start image is square,
-whose grid size splits evenly across 2 ranks on every model here, so both sides generate at one size; a
-size that must change for the group (see `Grid.size_for`) is reported, and then identity is not expected.
+All engines live in this run, one at a time: `Engine` on the first device, then `Engine` on the whole
+group for each plan in `--plans` (`auto`: the configured one, `I2V_CFG_PARALLEL`; `cfg`: CFG parallel,
+times Ulysses on four or more; `ulysses`: the sequence split alone). The followers load the model with
+`from_pretrained`, so on GPUs this needs the real weights (a hub id, the HF cache or a local folder).
+Each renders the same standard-mode request and seed; the report gives the median model time
+(`generate`: text encoder, denoising, VAE) and end-to-end time of each side, each plan's speed-up
+(single / group), and whether its frames are identical to the single engine's (which runs CFG's passes
+one by one, as CFG parallel's ranks do). The start image is square, whose grid size splits evenly across
+2 ranks on every model here, so all sides generate at one size; a size that must change for a group
+(see `Grid.size_for`) is reported, and then identity is not expected.
 
-On CPU the ranks share two cores, so the times only show that the path runs; the speed-up is a GPU figure.
+On CPU the ranks share two cores, so the times only show that the path runs; the speed-up is a GPU
+figure, and a two-GPU one: the device machine this project is lent has a single H200.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bench.report import machine, write_report
 from i2v import KlingRequest
 from i2v.devices import device_group
 from i2v.engine import Engine
+from i2v.settings import Settings
 
 
 def square_image(side: int = 960) -> str:
@@ -53,16 +58,33 @@ def timed(engine: Engine, request: KlingRequest, output: Path) -> tuple[float, f
     return result.timings["generate"], time.perf_counter() - clock
 
 
-def run(devices: str, model: str | None, repeats: int, duration: int, out: Path) -> dict[str, object]:
+PLANS: dict[str, bool | None] = {"auto": None, "cfg": True, "ulysses": False}  # -> Speed.cfg_parallel
+
+
+def run(
+    devices: str,
+    model: str | None,
+    repeats: int,
+    duration: int,
+    out: Path,
+    plans: tuple[str, ...] = ("auto",),
+) -> dict[str, object]:
     group = device_group(devices)
     if len(group) < 2:
         raise SystemExit(f"--devices {devices!r}: a group of two or more, like cuda:0+cuda:1")
+    unknown = [plan for plan in plans if plan not in PLANS]
+    if unknown or not plans:
+        raise SystemExit(f"--plans {','.join(plans)!r}: a list of {', '.join(PLANS)}")
     request = KlingRequest(prompt="waves roll in", start_image=square_image(), duration=duration, seed=11)
     scratch = Path(tempfile.mkdtemp(prefix="i2v-bench-"))
     sides: dict[str, dict[str, object]] = {}
     frames: dict[str, np.ndarray] = {}
-    for name in ("single", "group"):
-        engine = Engine(model, device=group[0] if name == "single" else devices)
+    base = Settings()
+    for name in ("single", *(f"group_{plan}" for plan in plans)):
+        plan = name.removeprefix("group_")
+        speed = base.speed.model_copy(update={"cfg_parallel": PLANS.get(plan)})
+        settings = base.model_copy(update={"speed": speed})
+        engine = Engine(model, device=group[0] if name == "single" else devices, settings=settings)
         backend = engine.backend(request.mode)
         size = backend.model_size((720, 720))
         frames[name] = engine.render(request).clip.frames  # also the warm-up: compiles and tunes first
@@ -78,7 +100,7 @@ def run(devices: str, model: str | None, repeats: int, duration: int, out: Path)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    single, parallel = sides["single"], sides["group"]
+    single = sides["single"]
     report: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -86,11 +108,15 @@ def run(devices: str, model: str | None, repeats: int, duration: int, out: Path)
         "model": model or "default",
         "repeats": repeats,
         "duration_s": duration,
+        "plans": list(plans),
         **{f"{side}_{key}": value for side, figures in sides.items() for key, value in figures.items()},
-        "speedup_model": float(single["model_s"]) / float(parallel["model_s"]),  # type: ignore[arg-type]
-        "speedup_end_to_end": float(single["end_to_end_s"]) / float(parallel["end_to_end_s"]),  # type: ignore[arg-type]
-        "frames_identical": bool(np.array_equal(frames["single"], frames["group"])),
     }
+    for plan in plans:
+        side = sides[f"group_{plan}"]
+        report[f"speedup_{plan}_model"] = float(single["model_s"]) / float(side["model_s"])  # type: ignore[arg-type]
+        report[f"speedup_{plan}_end_to_end"] = float(single["end_to_end_s"]) / float(side["end_to_end_s"])  # type: ignore[arg-type]
+        report[f"{plan}_frames_identical"] = bool(np.array_equal(frames["single"], frames[f"group_{plan}"]))
+    report["frames_identical"] = all(report[f"{plan}_frames_identical"] for plan in plans)
     write_report(report, out, "parallel")
     return report
 
@@ -104,8 +130,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--duration", type=int, default=5, choices=(5, 10))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--plans", default="auto", help="comma-separated group plans: auto, cfg, ulysses (default: auto)"
+    )
     args = parser.parse_args()
-    run(args.devices, args.model, args.repeats, args.duration, args.out)
+    plans = tuple(plan.strip() for plan in args.plans.split(",") if plan.strip())
+    run(args.devices, args.model, args.repeats, args.duration, args.out, plans)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from PIL import Image
 
 from bench import fullsize
-from bench.gpu import NEGATIVE, PROMPT, SEED, peak_gib, reset_peak
+from bench.gpu import NEGATIVE, PROMPT, SEED, peak_gib, planned_peak_gib, reset_peak
 from bench.report import machine, show_logs, write_report
 from i2v.backends.base import ModelInputs
 from i2v.backends.ltx2 import _NO_GUIDANCE, LTX2, STAGE2_ADAPTER
@@ -173,7 +173,12 @@ def run_ours(
     # The base model is not compiled (it switches its LoRA), so one run after the stock side's suffices.
     warm_up = "compiled" in backend.placement
     figures, frames = timed_twice(marks, call, device, inputs.steps or 2, warm_up)
-    return figures | {"prepare_s": prepare_s, "placement": backend.placement}, frames
+    planned = planned_peak_gib(backend, inputs)
+    return figures | {
+        "prepare_s": prepare_s,
+        "placement": backend.placement,
+        "planned_peak_gib": planned,
+    }, frames
 
 
 def timed_twice(

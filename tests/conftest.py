@@ -103,3 +103,24 @@ def probe(path: Path) -> dict[str, object]:
 def decode_frames(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """One real PostgreSQL server for the session (tests/pgserver.py), started on first use."""
+    from pgserver import PostgresServer, binaries
+
+    found = binaries()
+    if found is None:
+        pytest.skip("PostgreSQL is not installed (./setup.sh --dev installs Debian's postgresql)")
+    server = PostgresServer(found)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """A fresh database on the session's PostgreSQL."""
+    return postgres.new_database()

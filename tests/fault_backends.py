@@ -12,11 +12,14 @@ every fault:
                      `fault:slow:N` for N steps (a run that lasts until the test cancels it)
 - `fault:hold=PATH`  runs its first step, then waits until the file PATH exists (the test's event, not a
                      timer: the prediction stays `processing` exactly as long as the test needs)
+- `fault:tally=PATH`  appends a line "<worker pid> <prompt>" to PATH as it starts (then goes on with the rest
+                     of the prompt): how many times each prediction ran, and where, counted at the workers
 - anything else      returns black frames at once: the service is under test, not the model
 """
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
@@ -53,6 +56,13 @@ class FaultInjection(Backend):
     def generate(self, inputs: ModelInputs, on_step: StepCallback) -> Clip:
         resource.setrlimit(resource.RLIMIT_FSIZE, self._fsize)  # undo an earlier disk-full fault
         prompt = inputs.prompt
+        if "fault:tally=" in prompt:
+            tally = prompt.split("fault:tally=", 1)[1].split()[0]
+            fd = os.open(tally, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{os.getpid()} {prompt}\n".encode())  # one write: whole lines under O_APPEND
+            finally:
+                os.close(fd)
         if "fault:hold=" in prompt:
             release = Path(prompt.split("fault:hold=", 1)[1].split()[0])
             on_step(1, self.spec.steps)

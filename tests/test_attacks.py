@@ -221,10 +221,12 @@ def wait_terminal(server: ServerProcess, ids: list[str], timeout: float = 300) -
 
 def wait_idle(server: ServerProcess, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while httpx.get(f"{server.base}/health-check", timeout=10).json() != {
-        "status": "READY",
-        "queue_depth": 0,
-    }:
+
+    def idle() -> bool:
+        health = httpx.get(f"{server.base}/health-check", timeout=10).json()
+        return health["status"] == "READY" and health["queue_depth"] == 0
+
+    while not idle():
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.1)
 

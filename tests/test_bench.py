@@ -77,10 +77,12 @@ def test_parallel_benchmark_on_two_cpu_ranks_reports_identical_frames(tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "parallel.json").read_text())
-    assert report["frames_identical"] is True
-    assert report["single_model_size"] == report["group_model_size"]
-    assert "sequence split across 2 ranks" in report["group_placement"]
-    assert report["speedup_model"] > 0 and report["speedup_end_to_end"] > 0
+    assert (
+        report["plans"] == ["auto"] and report["auto_frames_identical"] is report["frames_identical"] is True
+    )
+    assert report["single_model_size"] == report["group_auto_model_size"]
+    assert "CFG parallel across 2 ranks" in report["group_auto_placement"]  # the configured plan: auto
+    assert report["speedup_auto_model"] > 0 and report["speedup_auto_end_to_end"] > 0
 
 
 def test_compiled_blocks_never_reach_the_recompile_limit_over_every_request_shape(tmp_path: Path) -> None:

@@ -73,6 +73,9 @@ def test_models_lists_backends_and_weights() -> None:
     line = next(line for line in result.stdout.splitlines() if line.startswith("wan2.2-ti2v-5b"))
     assert "Wan-AI/Wan2.2-TI2V-5B-Diffusers" in line and "default for standard" in line
     assert "weights: size unknown (hub unreachable), nothing in the cache" in line  # no hub here
+    # Its memory, counted from the packaged configs on `meta` (docs/memory.md).
+    assert "weights on cuda (packaged configs): transformer 10.02 GB (5.00B params, bf16)" in result.stdout
+    assert "group offload (low-vram): 0.00 GB held" in result.stdout
 
 
 def test_demo_falls_back_to_the_tiny_model_without_a_gpu(tmp_path: Path) -> None:

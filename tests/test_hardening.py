@@ -190,8 +190,10 @@ def test_out_of_gpu_memory_fails_with_what_to_reduce_and_the_worker_stays_up(ser
     with server.http() as http:
         oom = create(http, "fault:oom", wait=30, mode="pro", duration=10).json()
         assert oom["status"] == "failed"
-        assert oom["error"].startswith("out of GPU memory: use mode standard")
-        assert "duration 5" in oom["error"]
+        # It names the model and its placement, and what to change (the budget, where one is set).
+        assert oom["error"].startswith("out of GPU memory running fault-injection (all parts on the device)")
+        assert "use mode standard" in oom["error"] and "duration 5" in oom["error"]
+        assert "I2V_PRESET=low-vram" in oom["error"] and "I2V_GPU_MEMORY" in oom["error"]
         after = create(http, wait=30).json()
         assert after["status"] == "succeeded", after["error"]
     assert httpx.get(f"{server.base}/health-check").json()["status"] == "READY"

@@ -28,9 +28,9 @@ class IdleRunnerForTests:
 
     def setup_error(self): return None  # fmt: skip
 
-    def free_slots(self): return 0  # fmt: skip
+    def workers(self): return ()  # fmt: skip
 
-    def submit(self, job): raise AssertionError("nothing is dispatched here")  # fmt: skip
+    def submit(self, job, worker): raise AssertionError("nothing is dispatched here")  # fmt: skip
 
     def cancel(self, prediction_id): ...
     def stop(self): ...
@@ -90,7 +90,8 @@ def test_limits_and_the_fetch_allowlist_come_from_the_environment(monkeypatch, t
         ServerConfig.from_env(data_dir=tmp_path)
     monkeypatch.delenv("I2V_MAX_BODY_BYTES")
     monkeypatch.setenv("I2V_DEVICES", "cuda:0+cuda:1,cuda:2")
-    assert ServerConfig.from_env(data_dir=tmp_path).devices == ("cuda:0+cuda:1", "cuda:2")
+    devices = ServerConfig.from_env(data_dir=tmp_path).devices
+    assert [(d.device, d.mode) for d in devices] == [("cuda:0+cuda:1", None), ("cuda:2", None)]
     monkeypatch.setenv("I2V_DEVICES", "cuda:0+gpu 1")
     with pytest.raises(ConfigError, match="I2V_DEVICES: device 'cuda:0\\+gpu 1': 'gpu 1' is not a device"):
         ServerConfig.from_env(data_dir=tmp_path)
@@ -129,6 +130,12 @@ def test_out_of_memory_advice_names_what_to_reduce():
     assert "duration 5" in out_of_memory_advice("pro", 10)
     advice = out_of_memory_advice("standard", 5)
     assert advice.startswith("out of GPU memory") and "more memory" in advice
+    named = out_of_memory_advice(
+        "pro", 5, model="ltx-2", placement="all parts on the device", budget=79 * 10**9, device="cuda:0"
+    )
+    assert named.startswith(
+        "out of GPU memory running ltx-2 (all parts on the device) within a memory budget of 79.0 GB on cuda:0"
+    )
 
 
 def test_backend_plugins_come_from_the_environment(monkeypatch, tmp_path):

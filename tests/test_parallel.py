@@ -1,16 +1,19 @@
 """One request across a device group (i2v.parallel), here two CPU ranks over gloo.
 
-On GPUs the group speaks NCCL; everything else (the follower processes, the Ulysses split of the
-transformer, the collective cancel, the fallback to rank 0) is this same code.
+On GPUs the group speaks NCCL; everything else (the follower processes, CFG parallel and the Ulysses split
+of the transformer, the collective cancel, the fallback to rank 0) is this same code. Four ranks (CFG
+parallel x Ulysses) are in test_cfg_parallel.py.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +22,20 @@ from conftest import probe
 from serverproc import ServerProcess, data_uri
 
 from i2v import Canceled, Engine, KlingRequest, Progress
+from i2v.backends import Backend
 from i2v.devices import device_group
 from i2v.errors import I2VError
 from i2v.geometry import Grid
 from i2v.settings import Settings
 from i2v.speed import Speed
 
-# Batched CFG is on, as it is on GPUs, so its hook and the context-parallel hooks are checked together.
-# Pro runs on Wan2.1 FLF2V here, which splits; the default LTX-2 (which does not) is in the server test.
-SETTINGS = Settings(
-    speed=Speed(batched_cfg=True), models={"standard": "wan2.2-ti2v-5b", "pro": "wan2.1-flf2v-14b"}
-)
+# Batched CFG is on, as it is on GPUs: on the group CFG parallel takes its place for the guided models,
+# while the turbo model (no guidance) keeps the Ulysses split. The single engine runs CFG's two passes one
+# by one, as each rank of the group does, so the frames match bit for bit (batched CFG would round
+# differently: test_speed.py). Pro runs on Wan2.1 FLF2V here; the default LTX-2 (its own CFG-parallel
+# hook) is in test_cfg_parallel.py and the server test.
+MODELS = {"standard": "wan2.2-ti2v-5b", "pro": "wan2.1-flf2v-14b"}
+SETTINGS = Settings(speed=Speed(batched_cfg=True), models=MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,19 @@ def group(_cache_dir: Path) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def single(_cache_dir: Path) -> Engine:
-    return Engine("tiny", settings=SETTINGS)
+    return Engine("tiny", settings=Settings(speed=Speed(batched_cfg=False), models=MODELS))
+
+
+@contextmanager
+def passes(backend: Backend) -> Iterator[list[int]]:
+    """The batch size of each forward through this process's transformer (rank 0's), while open."""
+    calls: list[int] = []
+    ffn = backend.pipe.transformer.blocks[0].ffn
+    handle = ffn.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 def test_device_specs() -> None:
@@ -73,26 +91,51 @@ def test_the_grid_gives_every_rank_an_equal_share(ranks: int) -> None:
     assert grid.size_for(16 / 9, tokens_multiple=4) == (1280, 704)  # 1248x704 has 858 tokens a frame
 
 
-def test_two_ranks_render_the_same_frames_as_one(
+def test_two_ranks_run_the_cfg_passes_apart_and_render_the_same_frames_as_one(
     group: Engine, single: Engine, image_file, tmp_path: Path
 ) -> None:
     request = KlingRequest(prompt="waves roll in", start_image=str(image_file(300, 300)), seed=3)
     backend = group.backend("standard")
-    assert "sequence split across 2 ranks" in backend.placement
+    assert "CFG parallel across 2 ranks" in backend.placement
+    assert "sequence split" not in backend.placement and backend.parallel_degree == 1
     assert backend.model_size((720, 720)) == single.backend("standard").model_size((720, 720))
-    np.testing.assert_array_equal(group.render(request).clip.frames, single.render(request).clip.frames)
+    with passes(backend) as ours, passes(single.backend("standard")) as theirs:
+        frames = group.render(request).clip.frames
+        np.testing.assert_array_equal(frames, single.render(request).clip.frames)
+    steps = backend.spec.steps
+    assert ours == [1] * steps and theirs == [1, 1] * steps  # rank 0 ran the conditional pass alone
     info = probe(group.generate(request, tmp_path / "group.mp4").path)
     assert (info["width"], info["height"], info["frames"], info["fps"]) == (720, 720, 121, 24)
+
+
+def test_a_model_without_guidance_splits_the_sequence_instead(
+    group: Engine, single: Engine, image_file, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The turbo model (FastWan, guidance 1) has no negative pass to split: Ulysses, said in the log."""
+    request = KlingRequest(
+        prompt="waves roll in", start_image=str(image_file(300, 300)), seed=3, preset="turbo"
+    )
+    with caplog.at_level(logging.INFO, logger="i2v.engine"):
+        ours = group.render(request)
+    expected = "sequence split across 2 ranks (no CFG parallel: the model samples without guidance)"
+    assert ours.backend.spec.name == "tiny-fastwan2.2-ti2v-5b" and expected in ours.backend.placement
+    assert expected in caplog.text  # the per-request line that the worker copies into the prediction's logs
+    np.testing.assert_array_equal(ours.clip.frames, single.render(request).clip.frames)
 
 
 def test_a_wide_clip_is_generated_at_a_size_the_ranks_can_split(
     group: Engine, single: Engine, image_file, tmp_path: Path
 ) -> None:
-    backend = group.backend("standard")
-    alone, split = single.backend("standard").model_size((1280, 720)), backend.model_size((1280, 720))
-    grid = backend.spec.grid
+    # Ulysses (the turbo model here) splits the tokens, so their count must divide; CFG parallel does not.
+    wide = (1280, 720)
+    ulysses = group.backend("standard", "turbo")
+    alone, split = single.backend("standard", "turbo").model_size(wide), ulysses.model_size(wide)
+    grid = ulysses.spec.grid
     assert grid.tokens(alone) % 2 == 1 and grid.tokens(split) % 2 == 0  # the tiny 16:9 size does not split
-    request = KlingRequest(prompt="waves roll in", start_image=str(image_file(640, 360)), seed=3)
+    assert group.backend("standard").model_size(wide) == alone
+    request = KlingRequest(
+        prompt="waves roll in", start_image=str(image_file(640, 360)), seed=3, preset="turbo"
+    )
     result = group.generate(request, tmp_path / "wide.mp4")
     info = probe(result.path)
     assert (info["width"], info["height"], info["frames"], info["fps"]) == (1280, 720, 121, 24)
@@ -117,12 +160,12 @@ def test_cancel_stops_every_rank_at_the_same_step(group: Engine, image_file, tmp
     assert probe(after.path)["frames"] == 121
 
 
-def test_the_keyframe_wan_model_splits_too(group: Engine, single: Engine, image_file) -> None:
+def test_the_keyframe_wan_model_runs_cfg_parallel_too(group: Engine, single: Engine, image_file) -> None:
     start, end = str(image_file(300, 300, seed=1)), str(image_file(300, 300, seed=2))
     request = KlingRequest(prompt="a door opens", start_image=start, end_image=end, mode="pro", seed=2)
     ours = group.render(request)
     assert ours.backend.spec.name == "tiny-wan2.1-flf2v-14b"
-    assert "sequence split across 2 ranks" in ours.backend.placement
+    assert "CFG parallel across 2 ranks" in ours.backend.placement
     np.testing.assert_array_equal(ours.clip.frames, single.render(request).clip.frames)
 
 
@@ -158,7 +201,7 @@ def test_a_server_worker_runs_each_prediction_on_its_group(tmp_path: Path, _cach
         )
         standard.wait()
         assert standard.status == "succeeded", standard.error
-        # LTX-2's sequence cannot be split by diffusers 0.42.1: the worker's rank 0 runs it alone.
+        # LTX-2's sequence cannot be split by diffusers 0.42.1, its guided passes can (test_cfg_parallel.py).
         keyframes = {"start_image": data_uri(450, 300, seed=1), "end_image": data_uri(450, 300, seed=2)}
         pro = client.predictions.create(
             model="kwaivgi/kling-v2.1", input={"prompt": "a door opens", "mode": "pro", **keyframes}
@@ -166,11 +209,11 @@ def test_a_server_worker_runs_each_prediction_on_its_group(tmp_path: Path, _cach
         pro.wait()
         assert pro.status == "succeeded", pro.error
         # Each prediction's own logs (in the store, not a window of the server's log) say how it ran.
-        assert "running tiny-wan2.2-ti2v-5b on cpu (attention native, sequence split across 2 ranks)" in (
+        assert "running tiny-wan2.2-ti2v-5b on cpu (attention native, CFG parallel across 2 ranks)" in (
             standard.logs
         )
         assert "negative prompt: the model's default" in standard.logs
-        assert "running tiny-ltx-2 on cpu (attention native);" in pro.logs
+        assert "running tiny-ltx-2 on cpu (attention native, CFG parallel across 2 ranks);" in pro.logs
         # The warm-up ran before the worker took work: the whole log file, read after the fact.
         assert "warmed up in" in server.log_path.read_text(errors="replace")
     finally:

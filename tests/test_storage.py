@@ -38,7 +38,7 @@ from i2v.server.config import ConfigError, ServerConfig
 from i2v.server.limits import token_owner
 from i2v.server.links import KEY_FILE, OutputLinks, sign
 from i2v.server.schemas import APIError
-from i2v.server.states import SUCCEEDED
+from i2v.server.states import QUEUED, SUCCEEDED
 from i2v.server.storage import (
     LocalStorage,
     S3Storage,
@@ -318,15 +318,19 @@ def test_retention_deletes_the_objects_of_outputs_and_uploads_on_s3(tmp_path, mo
     assert api(app).get(f"/v1/files/{upload['id']}").status_code == 404
 
 
-def test_orphan_inputs_on_s3_go_at_start_unless_another_server_may_be_creating_them(tmp_path, moto):
+def test_orphan_inputs_on_s3_go_at_start_once_no_other_server_may_be_writing_them(tmp_path, moto):
     app, bucket = s3_app(tmp_path, moto)
     service = app.state.service
     service.store.add(succeeded_row("ended"))
-    for prediction_id in ("ended", "norow"):
+    waiting = succeeded_row("waiting")
+    waiting.status, waiting.output, waiting.completed_at = QUEUED, None, None
+    service.store.add(waiting)
+    for prediction_id in ("ended", "norow", "waiting"):
         service.storage.put_bytes(input_key(prediction_id, "start_image"), b"img", "image/png")
-    service._remove_orphans()
-    # the ended prediction's input goes; one with no row yet stays (a create on another server, just now)
-    assert moto.keys(bucket) == [f"{PREFIX}/inputs/norow.start_image"]
+    service._remove_orphans(3600.0)  # several servers on one database: only what is an hour old
+    assert len(moto.keys(bucket)) == 3
+    service._remove_orphans(0.0)  # one server: everything no prediction waits for
+    assert moto.keys(bucket) == [f"{PREFIX}/inputs/waiting.start_image"]
 
 
 def test_presigned_outputs_are_the_buckets_own_urls_lasting_the_link_lifetime(tmp_path, moto, mp4):

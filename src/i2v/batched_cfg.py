@@ -17,8 +17,8 @@ A call it does not recognise (other embeddings, no arming) runs as it would with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Self
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -27,18 +27,25 @@ HOOK_NAME = "i2v_batched_cfg"
 
 
 class BatchedCFG(ModelHook):
+    """Both passes on the first call, the second's result handed back on the second call.
+
+    How both are computed is `both`: here one batched forward; `i2v.cfg_parallel` splits them by rank.
+    """
+
+    name = HOOK_NAME
+
     def __init__(self) -> None:
         super().__init__()
         self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (latents, t, uncond)
 
     @classmethod
-    def attach(cls, transformer: torch.nn.Module) -> BatchedCFG:
+    def attach(cls, transformer: torch.nn.Module, *args: Any) -> Self:
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        hook = registry.get_hook(HOOK_NAME)
+        hook = registry.get_hook(cls.name)
         if hook is None:
-            hook = cls()
-            registry.register_hook(hook, HOOK_NAME)
+            hook = cls(*args)
+            registry.register_hook(hook, cls.name)
         return hook
 
     @contextlib.contextmanager
@@ -62,6 +69,19 @@ class BatchedCFG(ModelHook):
             return (pending[2],)  # the unconditional half of the batch run for the conditional call
         if not _same(text, positive):
             return forward(*args, **kwargs)
+        cond, uncond = self.both(forward, kwargs, positive, negative)
+        self._pending = (latents, timestep, uncond)
+        return (cond,)
+
+    def both(
+        self,
+        forward: Callable[..., Any],
+        kwargs: dict[str, Any],
+        positive: torch.Tensor,
+        negative: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cond, uncond) predictions for the conditional call's `kwargs`: one forward, batch of two."""
+        latents, timestep = kwargs["hidden_states"], kwargs["timestep"]
         image = kwargs.get("encoder_hidden_states_image")
         batched = {
             **kwargs,
@@ -71,8 +91,7 @@ class BatchedCFG(ModelHook):
             "encoder_hidden_states_image": torch.cat([image, image]) if image is not None else None,
         }
         cond, uncond = forward(**batched)[0].chunk(2)
-        self._pending = (latents, timestep, uncond)
-        return (cond,)
+        return cond, uncond
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:

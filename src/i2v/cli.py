@@ -129,6 +129,17 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="predictions, files, outputs (default ~/.local/share/i2v)"
     )
     serve.add_argument("--no-auth", action="store_true", help="serve without tokens (binds loopback only)")
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring the server's database (I2V_DATABASE_URL, else the data dir's SQLite) to the newest "
+        "schema now; `i2v serve` also does at start",
+    )
+    migrate.add_argument("--data-dir", type=Path, help="the data dir whose SQLite database to upgrade")
+    migrate.add_argument(
+        "--sql", action="store_true", help="print the SQL instead of running it (for a DBA to apply)"
+    )
+    migrate.add_argument("--since", help="with --sql: the revision the database is at (default: empty)")
     return parser
 
 
@@ -154,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(
                 host=args.host, port=args.port, model=args.model, data_dir=args.data_dir, no_auth=args.no_auth
             )
+        if args.command == "migrate":
+            from .server.main import migrate
+
+            return migrate(data_dir=args.data_dir, sql=args.sql, since=args.since)
     except ValidationError as exc:
         for field, rule in field_errors(exc):
             print(f"error: {field}: {rule}", file=sys.stderr)

@@ -9,7 +9,8 @@
 
 The executor (`i2v.executors`) owns the loaded backends: in this process on one device, or across a
 device group (`i2v.parallel`); `Engine(device=...)` picks it from the device spec. Pipelines load once
-per backend and stay resident across requests.
+per backend and stay loaded across requests, on the device while its memory budget allows (the executor
+moves idle ones to CPU memory when another needs the room; `i2v.residency`).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class Engine:
             )
         on_download = None if report is None else lambda p: report(DOWNLOAD_STAGE, p.done, p.total)
         self.pull(mode, preset, on_download)
-        return self.executor.backend(key)
+        return self.executor.backend(key, report)
 
     def warm_up(self, modes: tuple[Mode, ...] = ("standard", "pro")) -> dict[str, float]:
         """Load each mode's model and run a short clip through it (compiles, tunes kernels); seconds per mode.
@@ -198,7 +199,7 @@ class Engine:
         self.pull(request.mode, preset, lambda p: report(DOWNLOAD_STAGE, p.done, p.total))
         report("loading model")
         clock = time.perf_counter()
-        backend = self.backend(request.mode, preset)
+        backend = self.backend(request.mode, preset, report)
         spec = backend.spec
         if end is not None and not spec.takes_end_frame:
             raise InputError(
@@ -230,8 +231,8 @@ class Engine:
             model_frames=spec.frames_for(request.duration),
             seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
             audio=request.audio,
-            # Ranks of a device group would each decide on their own share of the tokens.
-            step_cache=preset == "fast" and backend.parallel_degree == 1,
+            # Ranks of a device group would each decide on their own share of the tokens (or pass).
+            step_cache=preset == "fast" and backend.group.ranks == 1,
         )
         return Plan(request=request, key=key, preset=preset, inputs=inputs, size=size)
 

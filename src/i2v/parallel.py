@@ -1,10 +1,15 @@
-"""One request on several GPUs: Ulysses context parallelism (diffusers' `ContextParallelConfig`).
+"""One request on several GPUs: CFG parallel and Ulysses context parallelism.
 
 A device group such as `cuda:0+cuda:1` (`I2V_DEVICES`, `I2V_DEVICE`, `i2v generate --device`) gives the
 engine a `GroupExecutor`. It is rank 0 and runs in this process; it starts one follower process per other
 device, and all of them join one torch.distributed group (NCCL on CUDA, gloo on CPU). Every rank loads
-the same models; each transformer then keeps 1/N of the video tokens, and its attention exchanges heads
-for tokens with an all-to-all, so each GPU attends over the whole clip while doing 1/N of the work.
+the same models, and each backend's group plan (`i2v.speed.group_plan`) says how a clip is split:
+
+- CFG parallel (`i2v.cfg_parallel`), for a model sampled with guidance on an even group: half the ranks
+  run the conditional pass and half the unconditional one, and one all_gather per step shares them;
+- Ulysses (diffusers' `ContextParallelConfig`), on the whole group or within each CFG half: each
+  transformer keeps 1/N of the video tokens, and its attention exchanges heads for tokens with an
+  all-to-all, so each GPU attends over the whole clip while doing 1/N of the work.
 
 Per request:
 
@@ -14,7 +19,7 @@ Per request:
 
 Followers wait for work on a pipe, not in a collective, so an idle group never hits a collective timeout.
 A cancel is collective: every check all-reduces rank 0's flag, so all ranks stop at the same step.
-A model diffusers cannot split (LTX-2 in diffusers 0.42.1) runs on rank 0 alone while the others wait.
+A model whose plan is rank 0 alone (LTX-2: see docs/speed.md) runs there while the others wait.
 A fault on any rank during a run ends the group: a half-finished collective cannot be recovered, so the
 executor reports itself unhealthy and the server's worker restarts it (rank 0 exits if a follower dies).
 """
@@ -45,6 +50,7 @@ import torch.distributed as dist
 from .backends import Backend, BackendSpec, Clip
 from .errors import Canceled, I2VError
 from .executors import BackendKey, LocalExecutor, Plan
+from .memory import Need
 from .progress import CancelFlag, Reporter
 from .settings import Settings
 
@@ -129,7 +135,7 @@ class GroupExecutor:
         join_group(0, devices, self._rendezvous)
         self.local = LocalExecutor(torch.device(devices[0]), settings, ranks=self.ranks)
         self.device = self.local.device
-        log.info("context-parallel group of %d on %s", len(devices), "+".join(devices))
+        log.info("device group of %d on %s", len(devices), "+".join(devices))
 
     @property
     def healthy(self) -> bool:
@@ -151,15 +157,29 @@ class GroupExecutor:
     def spec(self, key: BackendKey) -> tuple[type[Backend], BackendSpec]:
         return self.local.spec(key)
 
-    def _splits(self, key: BackendKey) -> bool:
-        """Whether this backend runs on the whole group (else rank 0 runs it alone)."""
-        return self.spec(key)[0].splits_sequence
+    @property
+    def budget(self) -> int | None:
+        return self.local.budget  # rank 0's; each follower keeps its own device within its own
 
-    def backend(self, key: BackendKey) -> Backend:
+    def need(self, key: BackendKey) -> Need:
+        return self.local.need(key)
+
+    def holds(self) -> tuple[str, ...]:
+        return self.local.holds()
+
+    def would_drop(self, key: BackendKey) -> bool:
+        return self.local.would_drop(key)
+
+    def _splits(self, key: BackendKey) -> bool:
+        """Whether this backend runs on the whole group (else rank 0 runs it alone): its group plan."""
+        cls, spec = self.spec(key)
+        return cls.group_plan(spec, self.ranks, self.local.settings.speed).ranks > 1
+
+    def backend(self, key: BackendKey, report: Reporter | None = None) -> Backend:
         if self._splits(key) and key not in self.local.loaded():
             self._send(Load(key))  # every rank loads it: enabling parallelism is collective
-            return self._collective(self.local.backend, key)
-        return self.local.backend(key)
+            return self._collective(self.local.backend, key, report)
+        return self.local.backend(key, report)
 
     def warm_up(self, key: BackendKey) -> None:
         self.backend(key)

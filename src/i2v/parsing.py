@@ -86,6 +86,22 @@ def parse_bytes(value: Any) -> Any:
     return int(number * (1024 if binary else 1000) ** power)
 
 
+def parse_optional_bytes(value: Any) -> Any:
+    """A size as `parse_bytes` reads it, where '' or 'auto' means none given (None: decided at run time)."""
+    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+        return None
+    return parse_bytes(value)
+
+
+def format_bytes(count: float) -> str:
+    """Bytes in the hub's decimal units: 512 B, 1.2 MB, 23.9 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
 OptionalFlag = Annotated[bool | None, BeforeValidator(parse_flag)]
 CommaList = Annotated[tuple[str, ...], BeforeValidator(split_commas)]
@@ -93,3 +109,5 @@ Limit = Annotated[int, BeforeValidator(parse_limit)]
 Seconds = Annotated[tuple[float, ...], BeforeValidator(parse_seconds_list)]
 Duration = Annotated[float | None, BeforeValidator(parse_duration)]
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+# A size, or None where the setting is '' or 'auto' (the code decides: i2v.memory, i2v.residency).
+OptionalBytes = Annotated[int | None, BeforeValidator(parse_optional_bytes)]

@@ -2,7 +2,8 @@
 
 Everything here acts on a pipeline after its weights are read: the attention kernel (checked before it is
 chosen), regional compile, fp8 weight storage and group offload for the presets, the Ulysses sequence
-split across a device group, and the per-request step cache. The settings themselves are `i2v.speed`.
+split across a device group (or across each CFG half of it, `i2v.cfg_parallel`), and the per-request step
+cache. The settings themselves are `i2v.speed`, a group's plan `i2v.speed.group_plan`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from . import compiled_blocks
 from .errors import I2VError
 from .fp8 import quantize_fp8
 from .shims import cpu_counts_as_one_accelerator
-from .speed import Speed
+from .speed import GroupPlan, Speed
 
 log = logging.getLogger(__name__)
 
+ALONE = GroupPlan()  # one device, or rank 0 of a group running a model by itself
 # Fastest first. `native` (PyTorch's scaled_dot_product_attention) always works and is last.
 ATTENTION_ORDER = ("_flash_3", "flash", "_native_cudnn", "native")
 
@@ -65,12 +68,13 @@ def choose_attention(wanted: str, device: torch.device, split: bool = False) -> 
     return next(name for name in ATTENTION_ORDER if usable(name))
 
 
-def split_sequence(model: Any, degree: int, device: torch.device) -> None:
+def split_sequence(model: Any, degree: int, device: torch.device, mesh: DeviceMesh | None = None) -> None:
     """Ulysses on one transformer: each rank keeps 1/degree of the tokens (the model's `_cp_plan`).
 
     Plain Ulysses needs the heads and the sequence to split evenly: the heads are checked here, and the
     backends pick grid sizes whose token count divides (`Grid.size_for(tokens_multiple=)`). diffusers'
     "ulysses_anything" mode would lift that, but its uneven all-to-all cannot be traced by torch.compile.
+    `mesh` (`i2v.cfg_parallel.group_mesh`): split within this rank's CFG half; None: across the group.
     """
     from diffusers import ContextParallelConfig
 
@@ -80,7 +84,7 @@ def split_sequence(model: Any, degree: int, device: torch.device) -> None:
             f"{type(model).__name__} has {heads} attention heads, which {degree} GPUs cannot split"
         )
     with cpu_counts_as_one_accelerator(device):
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))
 
 
 def place(
@@ -90,14 +94,17 @@ def place(
     *,
     fp8_modules: tuple[str, ...] = (),
     compile_blocks: bool = True,
-    parallel_degree: int = 1,
+    group: GroupPlan = ALONE,
+    mesh: DeviceMesh | None = None,
 ) -> str:
     """Move a loaded pipeline onto `device` and apply the load-time speed settings; returns a summary.
 
     `fp8_modules` names the pipeline's transformers that go to fp8: fp8 matrix multiplies in `fast`
     (`i2v.fp8`, where the GPU has fp8 tensor cores), fp8 weight storage in `low-vram`;
     `compile_blocks` is False where the model switches LoRA adapters between calls (a recompile each time);
-    `parallel_degree` > 1 splits each transformer's sequence across that many ranks (`i2v.parallel`).
+    `group` is how a device group runs the model (`i2v.speed.group_plan`): its `ulysses` > 1 splits each
+    transformer's sequence across that many ranks, within `mesh`'s CFG halves where CFG parallel is on
+    (the CFG hook itself is the backend's, as batched CFG is). The plan goes into the summary.
     """
     done = []
     if speed.low_vram:
@@ -122,19 +129,21 @@ def place(
         if quantize_fp8(getattr(pipe, name), device, name):
             done.append(f"fp8 compute {name}")
     transformers = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m]
-    attention = choose_attention(speed.attention, device, split=parallel_degree > 1)
+    split = group.ulysses > 1
+    attention = choose_attention(speed.attention, device, split=split)
     if attention != "native":
         for model in transformers:
             model.set_attention_backend(attention)
     done.append(f"attention {attention}")
-    if parallel_degree > 1:
+    if split:
         for model in transformers:
-            split_sequence(model, parallel_degree, device)
-        done.append(f"sequence split across {parallel_degree} ranks")
+            split_sequence(model, group.ulysses, device, mesh)
+    if group.ranks > 1 or group.note:
+        done.append(group.describe())
     if compile_blocks and speed.on(speed.compile, device) and not speed.low_vram:  # offload hooks do not mix
         for model in transformers:
             # The context-parallel hook on the first block breaks its graph; the other blocks stay whole.
-            compiled_blocks.compile_blocks(model, fullgraph=parallel_degree == 1)
+            compiled_blocks.compile_blocks(model, fullgraph=not split)
         done.append("compiled blocks")
     return ", ".join(done)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import Canceled
+from .parsing import format_bytes
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,6 @@ class DownloadProgress:
 
 
 DownloadCallback = Callable[[DownloadProgress], None]
-
-
-def format_bytes(count: float) -> str:
-    """Bytes in the hub's decimal units: 512 B, 1.2 MB, 23.9 GB."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(count) < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 class CancelFlag(Protocol):

@@ -20,6 +20,7 @@ The engine's settings file is TOML, at `$I2V_CONFIG` or else `~/.config/i2v/conf
     attention = "auto"       # or a diffusers attention backend  (env I2V_ATTENTION)
     compile = true           # regional torch.compile; default: on with CUDA (env I2V_COMPILE)
     batched_cfg = true       # CFG passes in one forward; default: on with CUDA (env I2V_BATCHED_CFG)
+    cfg_parallel = true      # a group's CFG passes on different GPUs; default: where it can (env I2V_CFG_PARALLEL)
     warmup = true            # render a short clip at start; default: on with CUDA (env I2V_WARMUP)
 """
 
@@ -36,7 +37,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .devices import device_group
 from .errors import I2VError
-from .parsing import Bytes, CommaList
+from .parsing import Bytes, CommaList, OptionalBytes
 from .request import MODES, Mode
 from .speed import PRESETS, SPEED_FLAGS, RequestPreset, Speed
 
@@ -216,6 +217,7 @@ class Settings(EnvSettings):
         "I2V_ATTENTION": ("speed", "attention"),
         "I2V_COMPILE": ("speed", "compile"),
         "I2V_BATCHED_CFG": ("speed", "batched_cfg"),
+        "I2V_CFG_PARALLEL": ("speed", "cfg_parallel"),
         "I2V_WARMUP": ("speed", "warmup"),
         "I2V_DEVICE": ("device",),
         "I2V_X264_PRESET": ("x264_preset",),
@@ -224,6 +226,8 @@ class Settings(EnvSettings):
         "I2V_EXTRA_BACKENDS": ("extra_backends",),
         "I2V_MODEL": ("served_model",),
         "I2V_MIN_FREE_DISK": ("min_free_disk",),
+        "I2V_GPU_MEMORY": ("gpu_memory",),
+        "I2V_OFFLOAD_MEMORY": ("offload_memory",),
         "I2V_LONG_CLIPS": ("long_clips",),
     }
 
@@ -247,6 +251,12 @@ class Settings(EnvSettings):
     served_model: str | None = None
     # Free space a download of weights leaves on the HF cache's disk, at least (`20GB`, `500MB`, `0`).
     min_free_disk: Bytes = 10**9
+    # The device memory models and activations may use (`40GB`, to share a GPU); None: the device's free
+    # memory when the engine starts (no limit on a CPU). See i2v.residency and docs/memory.md.
+    gpu_memory: OptionalBytes = None
+    # Host memory idle models may be moved to (pinned on CUDA) instead of being dropped; 0: always drop;
+    # None: what the host has available at the time, less a margin.
+    offload_memory: OptionalBytes = None
     # 10 s clips in one sequence, or as 5 s clips each from the last frame of the one before (i2v.long_clips).
     long_clips: LongClips = "one-sequence"
 
@@ -266,6 +276,13 @@ class Settings(EnvSettings):
             device_group(value)
         except I2VError as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _budget(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("expected a size above zero like 40GB (or auto: the device's free memory)")
         return value
 
     @property

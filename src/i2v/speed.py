@@ -9,7 +9,9 @@ stock pipeline's within bf16 noise:
   compiled and reused by all of them, so compiling costs seconds, not minutes, with dynamic shapes so
   that every aspect ratio and duration runs the same graph;
 - CFG's conditional and unconditional passes in one batched forward (`i2v.batched_cfg`), where the stock
-  pipeline runs them one after the other.
+  pipeline runs them one after the other;
+- on a device group, CFG's two passes on different GPUs (`i2v.cfg_parallel`), times Ulysses on four or
+  more (`GroupPlan`, below).
 
 Presets trade something for speed or memory, and say what:
 
@@ -25,6 +27,7 @@ Presets trade something for speed or memory, and say what:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict
@@ -35,7 +38,7 @@ Preset = Literal["default", "fast", "turbo", "low-vram"]
 RequestPreset = Literal["default", "fast", "turbo"]  # low-vram is how the server loads, never a request's
 PRESETS: tuple[str, ...] = get_args(Preset)
 REQUEST_PRESETS: tuple[str, ...] = get_args(RequestPreset)
-SPEED_FLAGS = ("compile", "batched_cfg", "warmup")
+SPEED_FLAGS = ("compile", "batched_cfg", "cfg_parallel", "warmup")
 
 
 class HasDeviceType(Protocol):
@@ -51,6 +54,7 @@ class Speed(BaseModel):
     attention: str = "auto"  # "auto" or a diffusers backend name (e.g. "sage", "_native_cudnn")
     compile: OptionalFlag = None
     batched_cfg: OptionalFlag = None
+    cfg_parallel: OptionalFlag = None  # on a device group; None: where it can (`group_plan`)
     warmup: OptionalFlag = None
 
     @property
@@ -69,3 +73,61 @@ class Speed(BaseModel):
         if asked is not None:
             return asked
         return self.preset if self.preset in REQUEST_PRESETS else "default"  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How one generation uses a device group: CFG's passes across `cfg` halves of the group, each
+    splitting its pass's sequence across `ulysses` ranks (`cfg * ulysses` ranks in all). 1 x 1: rank 0
+    alone. `note` says why a plan is less than asked for (for the log)."""
+
+    cfg: int = 1
+    ulysses: int = 1
+    note: str = ""
+
+    @property
+    def ranks(self) -> int:
+        return self.cfg * self.ulysses
+
+    def describe(self) -> str:
+        """What the plan does, for the placement summary (`running X on cuda:0 (...)`)."""
+        if self.cfg > 1 and self.ulysses > 1:
+            text = f"CFG parallel across {self.cfg} groups x sequence split across {self.ulysses} ranks"
+        elif self.cfg > 1:
+            text = f"CFG parallel across {self.cfg} ranks"
+        elif self.ulysses > 1:
+            text = f"sequence split across {self.ulysses} ranks"
+        else:
+            text = "rank 0 alone"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def group_plan(
+    ranks: int, *, guided: bool, splits_cfg: bool, splits_sequence: bool, cfg_parallel: bool | None
+) -> GroupPlan:
+    """The plan for a model on a group of `ranks`.
+
+    CFG parallel (`cfg_parallel` None: where it can; True: asked for; False: off) runs the conditional
+    and unconditional passes on two halves of the group: it needs an even group, a model that samples
+    with guidance (`guided`: a negative pass) and a backend whose passes can be split (`splits_cfg`).
+    It exchanges one output per step where Ulysses all-to-alls every attention layer, so it comes first;
+    the rest of the group splits each pass's sequence (`splits_sequence`). A model whose sequence does not
+    split uses CFG parallel on a group of two only, and otherwise runs on rank 0 alone.
+    """
+    if ranks <= 1:
+        return GroupPlan()
+    if cfg_parallel is False:
+        why_not = "CFG parallel off"
+    elif not guided:
+        why_not = "no CFG parallel: the model samples without guidance"
+    elif not splits_cfg:
+        why_not = "no CFG parallel: this pipeline's guidance passes are not split"
+    elif ranks % 2:
+        why_not = f"no CFG parallel: a group of {ranks} does not halve"
+    elif splits_sequence or ranks == 2:
+        return GroupPlan(cfg=2, ulysses=ranks // 2)
+    else:
+        why_not = f"CFG parallel would use 2 of {ranks} ranks"
+    if splits_sequence:
+        return GroupPlan(ulysses=ranks, note=why_not)
+    return GroupPlan(note=f"{why_not}, and its sequence does not split")

@@ -68,8 +68,10 @@ def resolve(
 
 
 def tiny_folder(cls: type[Backend], tiny_dir: Path) -> Path:
-    # The folder name carries a hash of the builder, so a changed tiny config never loads stale weights.
-    digest = hashlib.sha256(inspect.getsource(cls.build_tiny).encode()).hexdigest()[:10]
+    # The folder name carries a hash of the builder (and of the seed a variant gives its transformer),
+    # so a changed tiny config never loads stale weights.
+    builder = inspect.getsource(cls.build_tiny) + repr(getattr(cls, "tiny_transformer_seed", None))
+    digest = hashlib.sha256(builder.encode()).hexdigest()[:10]
     return tiny_dir / f"{cls.spec.name}-{digest}"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,10 +18,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
+from torch.distributed.device_mesh import DeviceMesh
 
+from ..cfg_parallel import group_mesh
+from ..footprint import Activations, Component, Part, parts
 from ..geometry import Grid
 from ..placement import place
-from ..speed import Speed
+from ..speed import GroupPlan, Speed, group_plan
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total); raises `Canceled` to stop the run."""
@@ -120,8 +123,18 @@ class Backend(ABC):
     # The `fast` preset's FirstBlockCache threshold; None where diffusers cannot cache the model's blocks.
     cache_threshold: ClassVar[float | None] = None
     # Whether diffusers can split the model's sequence across GPUs (its transformer has a `_cp_plan` that
-    # works for this pipeline); others run on one GPU of a device group.
+    # works for this pipeline), and whether this backend can run CFG's two passes on two halves of a
+    # device group (`i2v.cfg_parallel`); a model that can do neither runs on one GPU of a group.
     splits_sequence: ClassVar[bool] = False
+    # The parts with weights (i2v.footprint), and the folder of i2v/backends/configs holding their
+    # architecture configs for when the weights are not on this machine. A plugin may leave both empty:
+    # its memory is then unknown, and it is placed as it asks.
+    components: ClassVar[tuple[Component, ...]] = ()
+    configs: ClassVar[str] = ""
+    # The transformers `place` takes to fp8 (fp8 compute in `fast`, fp8 weight storage in `low-vram`);
+    # the memory plan counts them the same way.
+    fp8_modules: ClassVar[tuple[str, ...]] = ("transformer",)
+    splits_cfg: ClassVar[bool] = False
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
@@ -132,6 +145,44 @@ class Backend(ABC):
         self.ranks = ranks  # the size of the device group this backend's process belongs to
         self.pipe: Any = None
         self.placement = ""  # what `load` did for speed, for the log: "attention flash, compiled blocks"
+        # Parts already loaded for another backend with the same weights (i2v.residency): `load` passes
+        # them to `from_pretrained` instead of reading a second copy.
+        self.shared: dict[str, torch.nn.Module] = {}
+        self.group = self.group_plan(spec, ranks, self.speed)
+        self.mesh: DeviceMesh | None = None  # the group's mesh, where the plan has CFG parallel
+
+    @classmethod
+    def parts(cls, spec: BackendSpec, device_type: str) -> dict[str, Part]:
+        """Each part's size at the dtype it loads in on this kind of device, from its config (no weights)."""
+        dtype = device_dtype(torch.device(device_type))
+        return parts(cls.components, spec.source, cls.configs, dtype, fp8=cls.fp8_modules)
+
+    @classmethod
+    def activations(
+        cls, parts: Mapping[str, Part], width: int, height: int, frames: int, *, batch: int, tiled: bool
+    ) -> Activations:
+        """What one generation at width x height x frames (the model's own) adds to the weights on the
+        device, per phase; `batch` is the denoising batch (2 with CFG's passes batched), `tiled` whether
+        the VAE decodes in tiles. Each backend states its formula; the default knows nothing."""
+        return Activations(encode=0, decode=0, denoise=0, formula="not estimated for this backend")
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded parts with weights, by component name (what residency moves and shares)."""
+        pipe = self.pipe
+        found = {}
+        for component in self.components:
+            module = getattr(pipe, component.name, None) if pipe is not None else None
+            if isinstance(module, torch.nn.Module):
+                found[component.name] = module
+        return found
+
+    @classmethod
+    def group_plan(cls, spec: BackendSpec, ranks: int, speed: Speed) -> GroupPlan:
+        """How this backend runs on a group of `ranks` (`i2v.speed.group_plan`); known before loading."""
+        return group_plan(
+            ranks, guided=spec.guidance > 1.0, splits_cfg=cls.splits_cfg,
+            splits_sequence=cls.splits_sequence, cfg_parallel=speed.cfg_parallel,
+        )  # fmt: skip
 
     @abstractmethod
     def load(self) -> None:
@@ -145,14 +196,16 @@ class Backend(ABC):
         """
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        if self.group.cfg > 1:
+            self.mesh = group_mesh(self.group, self.device)  # collective: every rank prepares in step
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=("transformer",), parallel_degree=self.parallel_degree
+            pipe, self.device, self.speed, fp8_modules=self.fp8_modules, group=self.group, mesh=self.mesh
         )
 
     @property
     def parallel_degree(self) -> int:
-        """The GPUs one generation is split across: the group's size where the model can be split, else 1."""
-        return self.ranks if self.splits_sequence else 1
+        """The ranks one pass's sequence is split across (Ulysses): 1 alone or with CFG parallel on two."""
+        return self.group.ulysses
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The (width, height) to generate at for an exact output size; the engine fits the images to it."""

@@ -61,6 +61,7 @@ class FastWanTI2V(WanTI2V):
     )
     tiny_steps = len(DMD_STEPS)
     cache_threshold = None  # three steps: nothing to skip
+    tiny_transformer_seed = 1  # distilled: its own transformer; UMT5 and the VAE are TI2V-5B's
 
     def prepare(self, pipe: Any) -> None:
         super().prepare(pipe)

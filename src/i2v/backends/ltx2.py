@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +49,16 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from safetensors.torch import save_file
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
+from ..cfg_parallel import GuidancePassesParallel, group_mesh
+from ..footprint import (
+    Activations,
+    Component,
+    Part,
+    text_activations,
+    transformer_activations,
+    vae_stage_activations,
+    video_bytes,
+)
 from ..geometry import Grid
 from ..placement import place
 from ..speed import Speed
@@ -97,6 +109,9 @@ PIPELINE_FILES = (
     *model_files("transformer"), *model_files("connectors"), *model_files("vae"), *model_files("audio_vae"),
     *model_files("vocoder"), *model_files(UPSAMPLER_FOLDER),
 )  # fmt: skip
+TEXT_TOKENS = 1024  # the pipeline's max_sequence_length
+# diffusers' AutoencoderKLLTX2Video tiles: 512 x 512 px, 16 frames.
+LTX_TILE, LTX_TILE_FRAMES = 512, 16
 
 
 class LTX2KeyframePipeline(LTX2ConditionPipeline):
@@ -156,6 +171,33 @@ class LTX2(Backend):
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=32)
     distilled: ClassVar[bool] = False
+    fp8_modules: ClassVar[tuple[str, ...]] = ()  # the stage-2 LoRA switches on and off: no fp8 casting
+    components = (
+        Component(
+            "transformer", LTX2VideoTransformer3DModel, "transformer", role="transformer", phase="denoise"
+        ),
+        Component(
+            "text_encoder",
+            Gemma3ForConditionalGeneration,
+            "text_encoder",
+            role="text_encoder",
+            phase="encode",
+        ),
+        Component("connectors", LTX2TextConnectors, "connectors", phase="encode"),
+        Component("vae", AutoencoderKLLTX2Video, "vae", role="vae"),
+        Component("audio_vae", AutoencoderKLLTX2Audio, "audio_vae"),
+        Component("vocoder", LTX2Vocoder, "vocoder"),
+        Component(
+            "latent_upsampler", LTX2LatentUpsamplerModel, UPSAMPLER_FOLDER, phase="denoise", in_pipeline=False
+        ),
+    )
+    configs = "ltx-2"
+    # The tiny twin's transformer and connectors seed: the distilled checkpoint has its own, and the
+    # same Gemma and VAEs, as the real ones do.
+    tiny_transformer_seed: ClassVar[int] = 0
+    # Stage 1's guided passes split across a group of two (`i2v.cfg_parallel.GuidancePassesParallel`);
+    # diffusers 0.42.1 cannot split LTX-2's sequence (see docs/speed.md).
+    splits_cfg = True
 
     def __init__(
         self, spec: BackendSpec, device: torch.device, speed: Speed | None = None, *, ranks: int = 1
@@ -164,6 +206,7 @@ class LTX2(Backend):
         self.upsampler: Any = None
         self.shifted_scheduler: Any = None
         self.fixed_scheduler: Any = None
+        self.guidance_parallel: GuidancePassesParallel | None = None
 
     def model_size(self, output_size: tuple[int, int]) -> tuple[int, int]:
         """The refined (stage 2) size: twice the stage-1 size, which covers half the output on the 32 px grid.
@@ -177,10 +220,11 @@ class LTX2(Backend):
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
-        pipe = LTX2KeyframePipeline.from_pretrained(self.spec.source, dtype=dtype)
-        upsampler = LTX2LatentUpsamplerModel.from_pretrained(
+        shared = dict(self.shared)
+        upsampler = shared.pop("latent_upsampler", None) or LTX2LatentUpsamplerModel.from_pretrained(
             self.spec.source, subfolder=UPSAMPLER_FOLDER, dtype=dtype
         )
+        pipe = LTX2KeyframePipeline.from_pretrained(self.spec.source, **shared, dtype=dtype)
         if not self.distilled:
             pipe.load_lora_weights(self.spec.source, weight_name=DISTILLED_LORA, adapter_name=STAGE2_ADAPTER)
         self.prepare(pipe, upsampler=upsampler)
@@ -190,12 +234,14 @@ class LTX2(Backend):
         pipe.set_progress_bar_config(disable=True)
         # The pipeline batches CFG's passes itself; diffusers' step caches do not know LTX-2's blocks.
         # The base model switches its stage-2 LoRA on and off: neither compiled nor cast to fp8.
-        lora_free = self.distilled
         self.placement = place(
-            pipe, self.device, self.speed, fp8_modules=("transformer",) if lora_free else (),
-            compile_blocks=lora_free,
+            pipe, self.device, self.speed, fp8_modules=self.fp8_modules, compile_blocks=self.distilled,
+            group=self.group,
         )  # fmt: skip
         self.pipe = pipe
+        if self.group.cfg > 1:  # collective: every rank prepares in step
+            self.mesh = group_mesh(self.group, self.device)
+            self.guidance_parallel = GuidancePassesParallel.attach(pipe.transformer, self.mesh)
         # The VAE is the pipeline's, already placed; only the upsampler itself moves here.
         self.upsampler = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler.to(self.device))
         self.upsampler.set_progress_bar_config(disable=True)
@@ -207,6 +253,66 @@ class LTX2(Backend):
         )  # fmt: skip
         self.fixed_scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None, shift=1.0
+        )
+
+    @classmethod
+    def parts(cls, spec: BackendSpec, device_type: str) -> dict[str, Part]:
+        """The parts; the base model's transformer also carries the stage-2 LoRA, counted from the
+        file's header when the file is on this machine (it is not in the architecture configs)."""
+        found = super().parts(spec, device_type)
+        lora = None if cls.distilled else _local_file(spec.source, DISTILLED_LORA)
+        if lora is not None:
+            element = torch.finfo(device_dtype(torch.device(device_type))).bits // 8
+            extra = lora_params(lora) * element
+            part = found["transformer"]
+            size = dataclasses.replace(
+                part.size, bytes=part.size.bytes + extra, fp8_bytes=part.size.fp8_bytes + extra
+            )
+            found["transformer"] = dataclasses.replace(part, size=size)
+        return found
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        found = super().modules()
+        if self.upsampler is not None:
+            found["latent_upsampler"] = self.upsampler.latent_upsampler
+        return found
+
+    @classmethod
+    def activations(
+        cls, parts: Mapping[str, Part], width: int, height: int, frames: int, *, batch: int, tiled: bool
+    ) -> Activations:
+        """LTX-2 at width x height (the refined size): L = T x H/32 x W/32 tokens (T = (frames - 1)/8 + 1),
+        a quarter of them in stage 1. Denoise: max(B1 x L/4, L) x (8 D + 2 x 4 D) x 2 bytes, B1 = 2 with
+        CFG (the pipeline batches it; STG and modality passes run alone), 1 distilled. Decode (always
+        tiled, 512 px x 16 frames): 2 x the clip (3 x frames x H x W x 2) + 4 x C x 16 x 128 x 128 x 2.
+        Encode: Gemma's 49 hidden states for two 1024-token prompts + one layer's activations. The audio
+        stream (25 tokens a second) is left out."""
+        t, v, te = parts["transformer"].config, parts["vae"].config, parts["text_encoder"].config
+        text = te.get("text_config", te)
+        element = 2 if parts["transformer"].size.bytes < 3 * parts["transformer"].size.params else 4
+        spatial = v.get("spatial_compression_ratio", 32)
+        temporal = v.get("temporal_compression_ratio", 8)
+        latent_frames = (frames - 1) // temporal + 1
+        tokens = latent_frames * (height // spatial) * (width // spatial)
+        stage1 = latent_frames * (height // 2 // spatial) * (width // 2 // spatial)
+        dim = t["num_attention_heads"] * t["attention_head_dim"]
+        first = 1 if cls.distilled else 2
+        denoise = transformer_activations(max(first * stage1, tokens), 1, dim, 4 * dim, element)
+        patch = v.get("patch_size", 4)
+        top = v["decoder_block_out_channels"][0]
+        tile_h, tile_w = (min(height, LTX_TILE), min(width, LTX_TILE)) if tiled else (height, width)
+        decode = 2 * video_bytes(frames, height, width, element) + vae_stage_activations(
+            top, min(frames, LTX_TILE_FRAMES), tile_h // patch, tile_w // patch, element
+        )
+        hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+        encode = 2 * (layers + 1) * TEXT_TOKENS * hidden * element + text_activations(
+            TEXT_TOKENS, hidden, text["intermediate_size"], element
+        )
+        return Activations(
+            encode=encode,
+            denoise=denoise,
+            decode=decode,
+            formula=f"{tokens} tokens at stage 2, {stage1} x {first} at stage 1",
         )
 
     def _stage1_settings(self, inputs: ModelInputs | None = None) -> dict[str, Any]:
@@ -246,13 +352,19 @@ class LTX2(Backend):
         if not self.distilled:
             pipe.disable_lora()
         pipe.scheduler = self.fixed_scheduler if self.distilled else self.shifted_scheduler
-        video_latents, audio_latents = pipe(
-            **common,
-            width=inputs.width // 2,
-            height=inputs.height // 2,
-            callback_on_step_end=self.step_callback(on_step, total),
-            **stage1,
-        )
+        split = self.guidance_parallel
+        # Whether the pipeline makes both perturbed passes (its do_spatio_temporal_guidance and
+        # do_modality_isolation_guidance); were it wrong, the passes would still come out right, only slower.
+        stg = stage1["stg_scale"] > 0 or stage1["audio_stg_scale"] > 0
+        perturbed_pair = stg and (stage1["modality_scale"] > 1 or stage1["audio_modality_scale"] > 1)
+        with split.armed(perturbed_pair=perturbed_pair) if split else nullcontext():
+            video_latents, audio_latents = pipe(
+                **common,
+                width=inputs.width // 2,
+                height=inputs.height // 2,
+                callback_on_step_end=self.step_callback(on_step, total),
+                **stage1,
+            )
         video_latents = self.upsampler(latents=video_latents, output_type="latent", return_dict=False)[0]
 
         if not self.distilled:
@@ -309,22 +421,31 @@ class LTX2(Backend):
             )
         )  # fmt: skip
         text = text_encoder.config.text_config
-        transformer = LTX2VideoTransformer3DModel(
-            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
-            attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
-            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
-            num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=text.hidden_size,
-            rope_double_precision=False, rope_type="split",
-        )  # fmt: skip
-        connectors = LTX2TextConnectors(
-            caption_channels=text.hidden_size, text_proj_in_factor=text.num_hidden_layers + 1,
-            video_connector_num_attention_heads=4, video_connector_attention_head_dim=8,
-            video_connector_num_layers=1, video_connector_num_learnable_registers=None,
-            audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8,
-            audio_connector_num_layers=1, audio_connector_num_learnable_registers=None,
-            connector_rope_base_seq_len=32, rope_theta=10000.0, rope_double_precision=False,
-            causal_temporal_positioning=False, rope_type="split",
-        )  # fmt: skip
+
+        def transformer_and_connectors() -> tuple[LTX2VideoTransformer3DModel, LTX2TextConnectors]:
+            transformer = LTX2VideoTransformer3DModel(
+                in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+                audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+                num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=text.hidden_size,
+                rope_double_precision=False, rope_type="split",
+            )  # fmt: skip
+            connectors = LTX2TextConnectors(
+                caption_channels=text.hidden_size, text_proj_in_factor=text.num_hidden_layers + 1,
+                video_connector_num_attention_heads=4, video_connector_attention_head_dim=8,
+                video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+                audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8,
+                audio_connector_num_layers=1, audio_connector_num_learnable_registers=None,
+                connector_rope_base_seq_len=32, rope_theta=10000.0, rope_double_precision=False,
+                causal_temporal_positioning=False, rope_type="split",
+            )  # fmt: skip
+            return transformer, connectors
+
+        transformer, connectors = transformer_and_connectors()
+        if cls.tiny_transformer_seed:  # a distilled variant: its own; the parts after it stay the base's
+            with torch.random.fork_rng():
+                torch.manual_seed(cls.tiny_transformer_seed)
+                transformer, connectors = transformer_and_connectors()
         # The real VAE's compression (32x spatial, 8x temporal) with a few channels, so latents stay small.
         vae = AutoencoderKLLTX2Video(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
@@ -383,6 +504,27 @@ class LTX2Distilled(LTX2):
     )  # fmt: skip
     tiny_steps = 8  # the distilled schedule is a fixed list of 8 sigmas
     distilled = True
+    fp8_modules = ("transformer",)  # no LoRA
+    tiny_transformer_seed = 1
+
+
+def _local_file(source: str, name: str) -> Path | None:
+    """A file of the model's repository on this machine (its folder, or the HF cache), else None."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local / name if (local / name).is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, name)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def lora_params(path: Path) -> int:
+    """The parameters in a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())  # noqa: SIM118
 
 
 def _tiny_vocab() -> dict[str, int]:

@@ -28,6 +28,7 @@ from diffusers import (
 )
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from ..footprint import Component
 from ..geometry import Grid
 from .base import BackendSpec, device_dtype, model_files
 from .tiny_parts import save_untied_like_wan, tiny_umt5
@@ -57,16 +58,26 @@ class WanFLF2V(WanTI2V):
         files=(*WanTI2V.spec.files, *model_files("image_encoder", "model"), "image_processor/*"),
     )
     tiny_grid = Grid(max_area=64 * 64, multiple=16)
+    components = (
+        *WanTI2V.components[:2],
+        # The VAE and the CLIP image encoder load in float32 (see load()).
+        Component("vae", AutoencoderKLWan, "vae", role="vae", float32=True),
+        Component("image_encoder", CLIPVisionModel, "image_encoder", float32=True, phase="encode"),
+    )
+    configs = "wan2.1-flf2v-14b"
+    encodes_whole_clip = True
 
     def load(self) -> None:
         dtype = device_dtype(self.device)
         # The VAE and the CLIP image encoder stay float32 (Wan's own code runs CLIP in float16).
-        vae = AutoencoderKLWan.from_pretrained(self.spec.source, subfolder="vae", dtype=torch.float32)
-        image_encoder = CLIPVisionModel.from_pretrained(
+        vae = self.shared.get("vae") or AutoencoderKLWan.from_pretrained(
+            self.spec.source, subfolder="vae", dtype=torch.float32
+        )
+        image_encoder = self.shared.get("image_encoder") or CLIPVisionModel.from_pretrained(
             self.spec.source, subfolder="image_encoder", dtype=torch.float32
         )
         pipe = WanImageToVideoPipeline.from_pretrained(
-            self.spec.source, vae=vae, image_encoder=image_encoder, dtype=dtype
+            self.spec.source, **{**self.shared, "vae": vae, "image_encoder": image_encoder}, dtype=dtype
         )
         self.prepare(pipe)  # FLF2V's sampling shift on Wan's UniPC schedule, as for TI2V
 

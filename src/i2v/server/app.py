@@ -46,7 +46,7 @@ from .schemas import (
 )
 from .service import Page, Service
 from .states import TERMINAL
-from .store import PredictionRow, StorageError
+from .store import PredictionRow, StorageError, Store
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,14 @@ WAIT_MARGIN = 0.25  # answer a little before the client's read timeout (its wait
 _WAIT = re.compile(r"^wait(?:\s*=\s*(\d+))?$")
 
 
-def create_app(config: ServerConfig, runner: Runner | None = None) -> FastAPI:
-    """The ASGI app; the service (and the worker processes) start with the app's lifespan."""
+def create_app(config: ServerConfig, runner: Runner | None = None, store: Store | None = None) -> FastAPI:
+    """The ASGI app; the service (and the worker processes) start with the app's lifespan. `store`: one
+    opened already (`i2v serve` opens it first, so a database it cannot reach stops it with one line)."""
     if runner is None:
         from .worker import LocalRunner
 
         runner = LocalRunner(config.model, config.devices, preload=config.preload_modes)
-    service = Service(config, runner)
+    service = Service(config, runner, store)
     version = version_id(config.model)
     started = datetime.now(UTC)
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..devices import device_group
+from ..devices import WorkerSpec, worker_spec
 from ..errors import I2VError
 from ..parsing import CommaList, Duration, Flag, Limit, Seconds
 from ..parsing import parse_duration as _parse_duration
@@ -60,8 +60,9 @@ class ServerConfig(EnvSettings):
     - retention: seconds after which outputs and inputs are deleted (`I2V_RETENTION`, e.g. 1h); None: kept.
     - retry_on_restart: a prediction interrupted by a restart of the server or of its worker process runs
       once more instead of failing (`I2V_RETRY_ON_RESTART=1`).
-    - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); None lets the engine choose.
-      An entry may be a group, `cuda:0+cuda:1`: its worker splits each request across those GPUs.
+    - devices: one worker process per entry (`I2V_DEVICES=cuda:0,cuda:1`); unset lets the engine choose.
+      An entry may be a group, `cuda:0+cuda:1`: its worker splits each request across those GPUs; and it
+      may name the one mode its worker serves, `standard@cuda:0,pro@cuda:1+cuda:2` (without: every mode).
     - fetch_allow: hosts or networks image URLs may reach although private (`I2V_FETCH_ALLOW`).
     - max_body_bytes: largest request body outside the Files API (`I2V_MAX_BODY_BYTES`); 413 above it.
     - request_rate / create_rate: API requests / prediction creates per minute per token
@@ -71,7 +72,7 @@ class ServerConfig(EnvSettings):
     - webhook_retry_delays: seconds between retries of a terminal webhook (`I2V_WEBHOOK_RETRY_DELAYS`).
     - preload: the models each worker pulls (downloads when missing) and loads before it reports READY
       (`I2V_PRELOAD`): `all` (every mode's), `standard`, or `none` (each loads on its first prediction);
-      unset: the modes the workers serve, which today is every mode.
+      unset: every mode. Each worker preloads only those it serves (`mode@device`) and can hold on its budget.
     - fetch_timeout: seconds a create may spend on its images, fetches and the wait for a slot included
       (`I2V_FETCH_TIMEOUT`); fetches_per_token / fetches_total: creates fetching or decoding images at
       once, per token and in all (`I2V_FETCHES_PER_TOKEN`, `I2V_FETCHES_TOTAL`), in threads of their own.
@@ -89,7 +90,10 @@ class ServerConfig(EnvSettings):
     - output_url_lifetime: how long a signed link works from when it is handed out
       (`I2V_OUTPUT_URL_LIFETIME`); unset: the retention period, else 7 days. Never past the retention.
     - output_url_secret: the key links are signed with (`I2V_OUTPUT_URL_SECRET`); unset, one kept in the
-      data folder. Servers behind one load balancer need the same one.
+      data folder, or in the database when several servers share it.
+    - database_url: where predictions, files and webhooks are recorded (`I2V_DATABASE_URL`): unset, SQLite
+      in the data dir (one server); `postgresql+psycopg://user:password@host/db` lets several servers
+      share it (docs/deploy.md). `postgresql://` and `postgres://` mean psycopg too.
     """
 
     ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
@@ -120,6 +124,7 @@ class ServerConfig(EnvSettings):
         "I2V_OUTPUT_URLS": ("output_urls",),
         "I2V_OUTPUT_URL_LIFETIME": ("output_url_lifetime",),
         "I2V_OUTPUT_URL_SECRET": ("output_url_secret",),
+        "I2V_DATABASE_URL": ("database_url",),
     }
     error: ClassVar[type[Exception]] = ConfigError
 
@@ -132,7 +137,7 @@ class ServerConfig(EnvSettings):
     public_url: str | None = None
     retention: Duration = None
     retry_on_restart: Flag = False
-    devices: tuple[str | None, ...] = (None,)
+    devices: tuple[WorkerSpec, ...] = (WorkerSpec(),)
     webhook_secret: str | None = None
     # The names the model answers to; the first is the one a create by bare version id is filed under.
     model_names: tuple[str, ...] = ("kwaivgi/kling-v2.1", "i2v/default")
@@ -155,6 +160,7 @@ class ServerConfig(EnvSettings):
     output_urls: Literal["signed", "token", "presigned"] = "signed"
     output_url_lifetime: Duration = None
     output_url_secret: str | None = None
+    database_url: str | None = None
 
     @classmethod
     def from_env(
@@ -207,17 +213,33 @@ class ServerConfig(EnvSettings):
             raise ValueError(f"expected an http(s) URL like https://minio.example.com:9000, got {value!r}")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            raise ValueError("expected a URL like postgresql+psycopg://user:password@host:5432/i2v")
+        if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+            return f"postgresql+psycopg://{rest}"  # psycopg 3, a dependency of i2v (no build needed)
+        if scheme != "sqlite":
+            raise ValueError(
+                f"{scheme}:// is not supported: use postgresql+psycopg://... (several servers) or "
+                "sqlite:///path/i2v.db (one server; the default is the data dir's)"
+            )
+        return value
+
     @field_validator("devices", mode="before")
     @classmethod
     def _devices(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = tuple(spec.strip() for spec in value.split(",") if spec.strip()) or (None,)
-        for spec in value:
-            try:
-                device_group(spec)
-            except I2VError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        try:
+            return tuple(spec if isinstance(spec, WorkerSpec) else worker_spec(spec) for spec in value)
+        except I2VError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("fetch_timeout", "body_timeout")
     @classmethod
@@ -258,11 +280,21 @@ class ServerConfig(EnvSettings):
             return ()
         if self.preload == "standard":
             return ("standard",)
-        return MODES  # "all", and unset: every worker serves every mode
+        return MODES  # "all", and unset: each worker takes the modes it serves (worker.preload_models)
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "i2v.db"
+
+    @property
+    def store_url(self) -> str:
+        """The database the store opens: `database_url`, else SQLite in the data dir."""
+        return self.database_url or f"sqlite:///{self.db_path}"
+
+    @property
+    def shared_database(self) -> bool:
+        """Whether other servers may use the same database (PostgreSQL), so nothing may assume it is alone."""
+        return not self.store_url.startswith("sqlite")
 
     def storage(self) -> Storage:
         """Where uploads, inputs and outputs are kept (`storage_url`; unset: the data folder)."""

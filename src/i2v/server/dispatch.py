@@ -1,7 +1,10 @@
-"""From the queue to the runner and back: jobs out to free slots, events in as status changes.
+"""From the queue to the runner and back: jobs out to free workers, events in as status changes.
 
-Predictions wait in the store (status `starting`) and go to the runner oldest first whenever it has a free
-slot, each as a `Job` with its request and the image bytes checked at create. Runner events update the
+Predictions wait in the store (status `starting`) and go to the runner as `Job`s with their request and
+the image bytes checked at create. The queue is FIFO within each mode: only the oldest queued prediction
+of a mode may go, to a free worker that serves its mode and fits it, preferring one that already holds its
+model (`routing.choose_worker`), so mixed traffic does not make one GPU swap models while another sits
+idle, and a mode whose workers are all busy never holds up another mode. Runner events update the
 store, wake `Prefer: wait` requests and send webhooks. While a worker downloads weights at set-up, the
 downloads are kept for /health-check, logged, and each waiting prediction's logs say what it waits for.
 
@@ -12,6 +15,10 @@ Each status change is the store's compare-and-set, so a prediction ends once: wh
 worker's outcome, a restart's recovery) calls `ended`, and a loser changes nothing. The writes that follow
 runner events are retried until they land (`Store.until_written`): a full disk delays an outcome, never
 loses it.
+
+With several servers on one database the start is a claim (`Store.claim`), a worker's outcome lands
+only while its server still holds the claim, and a prediction that ends on another server wakes the
+requests waiting here through `wake` (the service hears of it from `peers`).
 """
 
 from __future__ import annotations
@@ -27,11 +34,26 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from ..progress import DownloadProgress
-from ..request import IMAGE_FIELDS, ImageField, KlingRequest
+from ..request import IMAGE_FIELDS, MODES, ImageField, KlingRequest
+from .admission import refusal
 from .config import ServerConfig
 from .housekeeping import Metrics
 from .links import OutputLinks
-from .runner import Canceled, Event, Failed, Job, Log, Runner, Started, StateChanged, Succeeded
+from .routing import Head, choose_worker, stored_request
+from .runner import (
+    Canceled,
+    Capacity,
+    Event,
+    Failed,
+    Holding,
+    Job,
+    Log,
+    Runner,
+    Started,
+    StateChanged,
+    Succeeded,
+    WorkerView,
+)
 from .schemas import prediction_body
 from .states import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Status, WebhookEvent
 from .storage import Storage, input_key, output_key, poster_key
@@ -40,6 +62,7 @@ from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RECHECK_S = 5.0  # a waiting request reads its prediction again this often, should a wake-up be lost
 
 
 class Dispatcher:
@@ -70,7 +93,7 @@ class Dispatcher:
         while not stopping.is_set():
             self._pending.clear()  # before looking, so a kick during the look is not lost
             try:
-                while self.runner.free_slots() > 0 and self._dispatch_one():
+                while self._dispatch_round():
                     pass
                 if self.downloads():
                     self._tell_waiting()
@@ -122,17 +145,30 @@ class Dispatcher:
     def _write(self, what: str, write: Callable[[], T]) -> T:
         return self.store.until_written(what, write)
 
-    def _dispatch_one(self) -> bool:
-        queued = self._write("the queue", self.store.next_queued)
-        if queued is None:
+    def _dispatch_round(self) -> bool:
+        """Send one queued prediction to a free worker; False when there is nothing to send now."""
+        workers = self.runner.workers()
+        if not any(w.free for w in workers):
             return False
-        row = self._write(
-            f"the start of {queued.id}",
-            lambda: self.store.transition(
-                queued.id, {QUEUED}, status=RUNNING, started_at=utcnow(), attempts=queued.attempts + 1
-            ),
-        )
-        if row is None:  # canceled meanwhile
+        heads: list[Head] = []
+        for mode in MODES:  # each mode's oldest: FIFO within a mode
+            if (row := self._write("the queue", lambda m=mode: self.store.next_queued(m))) is not None:
+                heads.append((row, stored_request(row)))
+        heads.sort(key=lambda head: head[0].seq)
+        for row, request in heads:
+            problem = refusal(request, workers) if request is not None else None
+            if problem is not None:  # queued before the workers said what they can hold: it never runs
+                self.finish(row.id, status=FAILED, error=f"{problem.field}: {problem.description}")
+                return True
+        choice = choose_worker(heads, workers)
+        if choice is None:
+            return False
+        self._dispatch_one(*choice)
+        return True
+
+    def _dispatch_one(self, queued: PredictionRow, worker: WorkerView) -> bool:
+        row = self._write(f"the start of {queued.id}", lambda: self.store.claim(queued.id))
+        if row is None:  # canceled meanwhile, or another server's
             return True
         try:
             job = self._job(row)
@@ -140,7 +176,11 @@ class Dispatcher:
             self.finish(row.id, status=FAILED, error=str(exc))
             return True
         self._webhook(row, "start")
-        self.runner.submit(job)
+        self._write(
+            f"a log line of {row.id}",
+            lambda: self.store.append_log(row.id, f"running on worker {worker.name}"),
+        )
+        self.runner.submit(job, worker.index)
         if (latest := self.store.prediction(row.id)) and latest.cancel_requested:
             self.runner.cancel(row.id)  # a cancel that came between the queue and the worker
         return True
@@ -170,13 +210,15 @@ class Dispatcher:
     async def wait(self, prediction_id: str, timeout: float) -> PredictionRow | None:
         """The prediction once it has ended, or as it is when `timeout` seconds have passed."""
         loop, done = asyncio.get_running_loop(), asyncio.Event()
+        deadline = loop.time() + timeout
         with self._lock:
             self._waiters.setdefault(prediction_id, []).append((loop, done))
         try:
             row = await asyncio.to_thread(self.store.prediction, prediction_id)
-            if row is not None and row.status not in TERMINAL:
+            while row is not None and row.status not in TERMINAL and (left := deadline - loop.time()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), timeout)
+                    await asyncio.wait_for(done.wait(), min(left, RECHECK_S))
+                done.clear()
                 row = await asyncio.to_thread(self.store.prediction, prediction_id)
             return row
         finally:
@@ -184,6 +226,13 @@ class Dispatcher:
                 self._waiters[prediction_id].remove((loop, done))
                 if not self._waiters[prediction_id]:
                     del self._waiters[prediction_id]
+
+    def wake(self, prediction_id: str | None = None) -> None:
+        """Requests waiting on `prediction_id` (all, with None) read it again: it ended, maybe elsewhere."""
+        with self._lock:
+            waiters = [w for key, ws in self._waiters.items() if prediction_id in (None, key) for w in ws]
+        for loop, done in waiters:
+            loop.call_soon_threadsafe(done.set)
 
     # cancels
 
@@ -220,8 +269,8 @@ class Dispatcher:
                     log.error("worker setup failed: %s", detail)
                 self._downloading(download)
                 self.kick()
-            case Started():
-                pass  # the dispatcher already marked it processing
+            case Started() | Capacity() | Holding():
+                pass  # the dispatcher already marked it processing; the runner keeps what workers hold
             case Log(prediction_id, line):
                 row = self._write(
                     f"a log line of {prediction_id}", lambda: self.store.append_log(prediction_id, line)
@@ -262,7 +311,13 @@ class Dispatcher:
         again = self._write(
             f"the retry of {prediction_id}",
             lambda: self.store.transition(
-                prediction_id, {RUNNING}, status=QUEUED, started_at=None, logs=PredictionRow.logs + line
+                prediction_id,
+                {RUNNING},
+                held_by=self.store.claimant,
+                status=QUEUED,
+                started_at=None,
+                claimed_by=None,
+                logs=PredictionRow.logs + line,
             ),
         )
         if again is not None:
@@ -285,7 +340,12 @@ class Dispatcher:
         row = self._write(
             what,
             lambda: self.store.transition(
-                prediction_id, {QUEUED, RUNNING}, status=status, completed_at=utcnow(), **changes
+                prediction_id,
+                {RUNNING},
+                held_by=self.store.claimant,  # a claim another server recovered is no longer ours to end
+                status=status,
+                completed_at=utcnow(),
+                **changes,
             ),
         )
         if row is None:  # it had ended already (canceled meanwhile, or a late report): what was decided stays
@@ -310,10 +370,7 @@ class Dispatcher:
             except OSError as exc:
                 log.warning("prediction %s: could not remove its %s input (%s)", row.id, field, exc)
         self.metrics.ended(row)
-        with self._lock:
-            waiters = list(self._waiters.get(row.id, []))
-        for loop, done in waiters:
-            loop.call_soon_threadsafe(done.set)
+        self.wake(row.id)
         self._told_waiting.discard(row.id)
         if row.webhook:
             # The single output (the mp4) exists only at the end, so `output` and `completed` coincide: one

@@ -1,5 +1,9 @@
 """Per-token limits: token buckets for request rates, the slots of the image intake, and the identity a
-token is known by in the store."""
+token is known by in the store.
+
+The rates are kept in this process's memory with one server (SQLite), and in the database when several
+servers share one (`SharedRateLimiter`), so a token's rate is the same whichever server it reaches. The
+intake's slots bound this server's own threads, so they stay per server."""
 
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from .store import Store
 
 T = TypeVar("T")
 
@@ -21,6 +28,13 @@ def token_owner(token: str | None) -> str:
     if not token:
         return ""  # no authentication: everything belongs to the one anonymous owner
     return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+class Limiter(Protocol):
+    capacity: float
+
+    def acquire(self, key: str) -> int:
+        """0 when the request may go ahead, else the whole seconds until it could (Retry-After)."""
 
 
 class RateLimiter:
@@ -48,6 +62,27 @@ class RateLimiter:
                 return 0
             self._buckets[key] = (tokens, now)
             return max(1, math.ceil((1 - tokens) / self.rate))
+
+
+class SharedRateLimiter:
+    """The same buckets as `RateLimiter`, kept in the database (`Store.take_token`, by its clock), for
+    several servers on one database."""
+
+    def __init__(self, store: Store, name: str, per_minute: int) -> None:
+        self.store, self.name = store, name
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+
+    def acquire(self, key: str) -> int:
+        if self.capacity <= 0:
+            return 0
+        wait = self.store.take_token(f"{self.name}:{key}", self.capacity, self.rate)
+        return max(1, math.ceil(wait)) if wait > 0 else 0
+
+
+def rate_limiter(store: Store, name: str, per_minute: int) -> Limiter:
+    """In memory with one server; in the database when other servers share it."""
+    return SharedRateLimiter(store, name, per_minute) if store.shared else RateLimiter(per_minute)
 
 
 class SlotsBusy(Exception):

@@ -33,7 +33,7 @@ from pathlib import Path
 from .config import ServerConfig
 from .schemas import APIError
 from .storage import Storage, output_key
-from .store import PredictionRow
+from .store import PredictionRow, Store
 from .webhooks import read_or_make_secret
 
 DEFAULT_LIFETIME_S = 7 * 24 * 3600  # without a lifetime or a retention period (S3's longest presign)
@@ -42,12 +42,19 @@ _NAME = re.compile(r"([a-z0-9]{1,40})\.mp4")
 KEY_FILE = "output_url_key"
 
 
-def link_key(data_dir: Path, configured: str | None) -> bytes:
+def link_key(data_dir: Path, configured: str | None, store: Store | None = None) -> bytes:
     """The key links are signed with: `I2V_OUTPUT_URL_SECRET`, else one made on first start and kept in the
-    data folder (owner-only)."""
+    data folder (owner-only); with several servers on one database, kept in the database instead, so every
+    server signs and checks links alike (seeded from the data folder's key when it has one)."""
     if configured:
         return configured.encode()
-    return bytes.fromhex(read_or_make_secret(data_dir / KEY_FILE, lambda: secrets.token_hex(32)))
+    kept = data_dir / KEY_FILE
+    if store is not None and store.shared:
+        made = store.shared_value(
+            KEY_FILE, lambda: kept.read_text().strip() if kept.is_file() else secrets.token_hex(32)
+        )
+        return bytes.fromhex(made)
+    return bytes.fromhex(read_or_make_secret(kept, lambda: secrets.token_hex(32)))
 
 
 def sign(key: bytes, prediction_id: str, expires: int) -> str:
@@ -114,7 +121,7 @@ class OutputLinks:
         if not hmac.compare_digest(signature.encode(), sign(self.key, prediction_id, int(expires)).encode()):
             raise _forbidden(
                 "this output link's signature does not match: the link was changed, or signed with another "
-                "key (servers behind one load balancer need the same I2V_OUTPUT_URL_SECRET)"
+                "key (I2V_OUTPUT_URL_SECRET)"
             )
         if int(expires) <= self.clock():
             at = datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")

@@ -1,6 +1,8 @@
 """The boundary between the HTTP service and whatever runs the model.
 
-The service hands a `Runner` one `Job` at a time per free slot and learns what happens through `Event`s.
+The service hands a `Runner` one `Job` at a time per free worker and learns what happens through `Event`s;
+`workers()` tells it what each worker serves (its modes, and the `Capacity` its memory budget allows) and
+holds, which is all the routing and the admission check need.
 Today's runner is a local worker process per GPU (`worker.LocalRunner`); a distributed engine can take its
 place by implementing the same few methods, without touching the HTTP layer. Jobs and events are plain
 dataclasses that pickle as they are, and a job carries everything the model needs (the request and the
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from ..progress import DownloadProgress
-from ..request import ImageField, KlingRequest
+from ..request import ImageField, KlingRequest, Mode
+from ..speed import RequestPreset
 from .storage import Storage
 
 # DOWNLOADING: setting up, and fetching a model's weights into the HF cache (StateChanged.download says how far).
@@ -89,8 +92,71 @@ class StateChanged:
     download: DownloadProgress | None = None
 
 
-Event = Started | Log | Succeeded | Failed | Canceled | StateChanged
+@dataclass(frozen=True)
+class Offer:
+    """One mode and preset a worker can run on its memory budget: the model, its placement, the durations
+    that fit (none: `reason` says why), and its bytes on the device idle and at its peak."""
+
+    mode: Mode
+    preset: RequestPreset
+    model: str
+    placement: str
+    durations: tuple[int, ...]
+    idle_bytes: int
+    peak_bytes: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a worker decided at start-up it can serve (sent before it is READY)."""
+
+    budget_bytes: int | None  # None: no limit
+    default_preset: RequestPreset  # the preset a request without one runs with
+    offers: tuple[Offer, ...]
+
+
+@dataclass(frozen=True)
+class Holding:
+    """The models on a worker's device now, most recently used first (sent after each job)."""
+
+    models: tuple[str, ...]
+
+
+Event = Started | Log | Succeeded | Failed | Canceled | StateChanged | Capacity | Holding
 EventCallback = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One worker as the dispatcher and the admission check see it."""
+
+    index: int
+    name: str  # its I2V_DEVICES entry, e.g. "pro@cuda:1"
+    modes: tuple[Mode, ...]  # the modes it was given
+    state: RunnerState
+    free: bool  # it would take a job now
+    capacity: Capacity | None  # None until it reports (or when its setup failed)
+    holds: tuple[str, ...] = ()
+
+    def offer(self, request: KlingRequest) -> Offer | None:
+        if self.capacity is None:
+            return None
+        preset = request.preset or self.capacity.default_preset
+        return next((o for o in self.capacity.offers if (o.mode, o.preset) == (request.mode, preset)), None)
+
+    def can_run(self, request: KlingRequest) -> bool:
+        """Its mode, and (once it has reported) an offer whose durations include the request's."""
+        if request.mode not in self.modes:
+            return False
+        if self.capacity is None:
+            return True  # setup failed: it takes the job and fails it with the reason
+        offer = self.offer(request)
+        return offer is not None and request.duration in offer.durations
+
+    def holds_model_for(self, request: KlingRequest) -> bool:
+        offer = self.offer(request)
+        return offer is not None and offer.model in self.holds
 
 
 class Runner(Protocol):
@@ -104,11 +170,13 @@ class Runner(Protocol):
     def setup_error(self) -> str | None:
         """Why setup failed, when it did."""
 
-    def free_slots(self) -> int:
-        """How many jobs `submit` would accept right now."""
+    def workers(self) -> tuple[WorkerView, ...]:
+        """Each worker: its modes, whether it is free (the dispatcher sends jobs only to free ones), what
+        it can serve (`capacity` None until it has said: nothing is refused on its account meanwhile)
+        and what it holds. With no workers at all, creates are admitted and wait."""
 
-    def submit(self, job: Job) -> None:
-        """Run a job on a free slot (the caller checked `free_slots`)."""
+    def submit(self, job: Job, worker: int) -> None:
+        """Run a job on a free worker (one `workers` showed free and able to run it)."""
 
     def cancel(self, prediction_id: str) -> None:
         """Stop a running job at its next step; ends with a `Canceled` event (or its outcome if too late)."""

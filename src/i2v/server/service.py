@@ -3,7 +3,12 @@
 It puts the pieces together and applies the per-token limits; each piece lives in its own module:
 `intake` (what a create must pass), `dispatch` (queue -> runner -> status changes), `housekeeping`
 (metrics, retention), `store` (the rows), `storage` (the bytes: data folder or bucket), `links` (output
-URLs), `files`, `webhooks`. Nothing here imports torch: the model runs behind `Runner`.
+URLs), `files`, `webhooks`, `peers` (the other servers on one database). Nothing here imports torch: the
+model runs behind `Runner`.
+
+With several servers on one database (PostgreSQL) the service also hears the others (`peers`: a
+prediction that ended, a cancel for one running here, new work) and sweeps every `SWEEP_S` for claims of
+servers that are gone (their running predictions fail or run again, their webhooks are sent from here).
 """
 
 from __future__ import annotations
@@ -18,29 +23,34 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, NoReturn, TypeVar
 
+from ..parsing import format_bytes
 from ..request import IMAGE_FIELDS
+from .admission import refusal
 from .bodies import BodyBudget
 from .config import ServerConfig
 from .dispatch import Dispatcher
 from .files import Files, new_id
 from .housekeeping import Metrics, Retention
 from .intake import Checked, Intake
-from .limits import IntakeSlots, RateLimiter, SlotsBusy
+from .limits import IntakeSlots, Limiter, SlotsBusy, rate_limiter
 from .links import OutputLinks, link_key
-from .runner import Runner
+from .peers import link
+from .runner import Runner, WorkerView
 from .schemas import APIError, CreatePrediction, InvalidField, invalid, not_found
 from .states import QUEUED, SUCCEEDED
 from .storage import input_key, output_key, poster_key
-from .store import FileRow, PredictionRow, Store, utcnow
+from .store import FileRow, PredictionRow, StorageError, Store, utcnow
 from .webhooks import WebhookSecrets, WebhookSender
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
-# Inputs in a bucket other servers write to: one with no row yet may be a create on another server.
-ORPHAN_GRACE = timedelta(minutes=10)
+SWEEP_S = 5.0  # several servers: how often each looks for claims of servers that are gone
+# Several servers on one data dir: a file left behind is removed at start only once it is this old, so a
+# server starting never removes what another is writing (an upload, an input before its row, a video).
+ORPHAN_AGE_S = 3600.0
 Row = TypeVar("Row", PredictionRow, FileRow)
 
 
@@ -54,27 +64,28 @@ class Page(Generic[Row]):
 
 
 class Service:
-    def __init__(self, config: ServerConfig, runner: Runner) -> None:
+    def __init__(self, config: ServerConfig, runner: Runner, store: Store | None = None) -> None:
         self.config = config
         self.runner = runner
         self.storage = config.storage()
         self.storage.check()
-        self.store = Store(config.db_path)
+        self.store = store or Store(config.store_url)
+        self.peers = link(self.store)
         self.files = Files(self.store, self.storage, config.retention)
-        self.links = OutputLinks(config, self.storage, link_key(config.data_dir, config.output_url_secret))
+        key = link_key(config.data_dir, config.output_url_secret, self.store)
+        self.links = OutputLinks(config, self.storage, key)
         self.intake = Intake(config, self.store, self.files)
-        self.secrets = WebhookSecrets(config.data_dir, config.webhook_secret)
+        self.secrets = WebhookSecrets(config.data_dir, config.webhook_secret, self.store)
         self.webhooks = WebhookSender(
             self.store,
             self.secrets,
             retry_delays=config.webhook_retry_delays,
             guard=self.intake.pin_webhook,
         )
-        self.request_limit = RateLimiter(config.request_rate)
-        self.create_limit = RateLimiter(config.create_rate)
+        self.request_limit = rate_limiter(self.store, "requests", config.request_rate)
+        self.create_limit = rate_limiter(self.store, "creates", config.create_rate)
         self.intake_slots = IntakeSlots(config.fetches_per_token, config.fetches_total)
         self.bodies = BodyBudget(config.body_memory)
-        self._create_lock = threading.Lock()  # the unfinished-per-token count and the insert go together
         self.metrics = Metrics(self.store, runner, self.bodies)
         self.dispatcher = Dispatcher(
             config, self.store, runner, self.webhooks, self.metrics, self.storage, self.links
@@ -86,23 +97,68 @@ class Service:
     # lifecycle
 
     def start(self) -> None:
-        requeued, failed = self.store.recover_interrupted(self.config.retry_on_restart)
-        if requeued or failed:
-            log.warning(
-                "after restart: %d interrupted prediction(s) queued again, %d failed",
-                len(requeued),
-                len(failed),
-            )
-        for prediction_id in failed:
-            if row := self.store.prediction(prediction_id):
-                self.dispatcher.ended(row)
-        self._remove_orphans()
+        # First hold this server's liveness (several servers): nobody may take its claims for a dead one's.
+        self.peers.start(self._heard, self._look_again)
+        # SQLite: every claim but ours is a stopped server's; several servers: those whose server is gone.
+        lost = self.store.gone(self.store.claimants()) if self.store.shared else None
+        self._recover(lost, "after restart")
+        self._remove_orphans(ORPHAN_AGE_S if self.store.shared else 0.0)
         self._say_how_urls_are_made()
-        self.webhooks.start()
+        self.webhooks.start(lost)
         self.runner.start(self.dispatcher.on_event)
         self._spawn(self.dispatcher.run, "dispatcher")
         if self.config.retention:
             self._spawn(self.retention.run, "retention")
+        if self.store.shared:
+            self._spawn(self._sweep, "sweep")
+
+    def _recover(self, claimants: set[int | None] | None, when: str) -> None:
+        """Predictions left running by stopped servers fail or run again; their ends follow as any end."""
+        requeued, failed = self.store.recover_interrupted(self.config.retry_on_restart, claimants)
+        if requeued or failed:
+            log.warning(
+                "%s: %d interrupted prediction(s) queued again, %d failed", when, len(requeued), len(failed)
+            )
+        for prediction_id in failed:
+            if row := self.store.prediction(prediction_id):
+                self.dispatcher.ended(row)
+        if requeued:
+            self.dispatcher.kick()
+
+    # several servers on one database
+
+    def _heard(self, kind: str, prediction_id: str) -> None:
+        """Another server's change: new work, a cancel for a prediction that may run here, an end."""
+        if kind == "queued":
+            self.dispatcher.kick()
+        elif kind == "cancel":
+            self.runner.cancel(prediction_id)  # nothing happens unless it runs here
+        elif kind == "ended":
+            self.dispatcher.wake(prediction_id)
+
+    def _look_again(self) -> None:
+        """What messages may have said while the connection was down, read from the rows."""
+        self.dispatcher.kick()
+        self.dispatcher.wake()
+        self._cancel_requested_here()
+
+    def _cancel_requested_here(self) -> None:
+        for prediction_id in self.store.cancels_requested_here():
+            self.runner.cancel(prediction_id)
+
+    def _sweep(self, stopping: threading.Event) -> None:
+        while not stopping.wait(SWEEP_S):
+            try:
+                lost = self.store.gone(self.store.claimants())
+                if lost:
+                    self._recover(lost, "a server stopped")
+                    if adopted := self.webhooks.adopt(lost):
+                        log.warning("a server stopped: %d of its webhook(s) are sent from here", adopted)
+                self._cancel_requested_here()  # should a cancel's message have been missed
+            except StorageError as exc:
+                log.warning("the sweep for stopped servers could not read the database (%s)", exc)
+            except Exception:
+                log.exception("the sweep for stopped servers failed")
 
     def _spawn(self, target: Callable[[threading.Event], None], name: str) -> None:
         thread = threading.Thread(target=target, args=(self._stopping,), name=name, daemon=True)
@@ -115,21 +171,18 @@ class Service:
         self.runner.stop()
         self.webhooks.stop()
         self.intake_slots.stop()
+        self.peers.stop()  # after the workers: what still ran here is now free for others to recover
         self.store.close()
 
-    def _remove_orphans(self) -> None:
+    def _remove_orphans(self, min_age: float) -> None:
         """What a killed server left behind: inputs of predictions no longer waiting, half-written uploads
-        and videos. (A running server removes them as it goes; a SIGKILL leaves them.) In a bucket other
-        servers share, an input with no row yet is kept for a while: it may be another server's create."""
+        and videos. (A running server removes them as it goes; a SIGKILL leaves them.) With `min_age`, only
+        those untouched that long (another server may be writing the younger ones)."""
         waiting = self.store.unfinished_ids()
-        cutoff = datetime.now(UTC) - ORPHAN_GRACE
-        removed = self.storage.sweep()
+        cutoff = datetime.now(UTC) - timedelta(seconds=min_age)
+        removed = self.storage.sweep(min_age)
         for key, modified in list(self.storage.keys("inputs/")):
-            prediction_id = key.removeprefix("inputs/").partition(".")[0]
-            if prediction_id in waiting:
-                continue
-            recent = modified > cutoff
-            if recent and self.storage.shared and self.store.prediction(prediction_id) is None:
+            if key.removeprefix("inputs/").partition(".")[0] in waiting or modified > cutoff:
                 continue
             try:
                 self.storage.delete(key)
@@ -161,7 +214,7 @@ class Service:
     def check_request_rate(self, owner: str) -> None:
         self._check_rate(self.request_limit, owner, "requests")
 
-    def _check_rate(self, limiter: RateLimiter, owner: str, what: str) -> None:
+    def _check_rate(self, limiter: Limiter, owner: str, what: str) -> None:
         wait = limiter.acquire(owner)
         if wait:
             per_minute = int(limiter.capacity)
@@ -213,7 +266,10 @@ class Service:
                     checked = await lease.run(self.intake.check, body)
                 except TimeoutError:
                     raise self._too_slow(["webhook"], timeout) from None
-                self._check_rate(self.create_limit, owner, "predictions")
+                # Refused at once when no worker can ever run it, never queued to fail later.
+                if (problem := refusal(checked.request, self.runner.workers())) is not None:
+                    raise invalid("Input validation failed", [problem])
+                await asyncio.to_thread(self._check_rate, self.create_limit, owner, "predictions")
                 await asyncio.to_thread(self._check_unfinished, owner)  # again, exactly, at the insert
                 try:
                     images = await lease.run(self.intake.images, checked.request, base, owner)
@@ -270,9 +326,8 @@ class Service:
             for field, data in images.items():
                 saved.append(input_key(prediction_id, field))  # type: ignore[arg-type]
                 self.storage.put_bytes(saved[-1], data, "application/octet-stream")  # StorageError: 507
-            with self._create_lock:
-                self._check_unfinished(owner)
-                self.store.add(row)
+            if not self.store.add_prediction(row, self.config.max_unfinished):
+                self._too_many()
         except BaseException:
             for key in saved:
                 with contextlib.suppress(OSError):  # else removed at the next start
@@ -284,12 +339,16 @@ class Service:
     def _check_unfinished(self, owner: str) -> None:
         limit = self.config.max_unfinished
         if limit and self.store.count_unfinished(owner) >= limit:
-            raise APIError(
-                429,
-                "Too many predictions",
-                f"this token already has {limit} predictions waiting or running, the most it may; "
-                "wait for some to finish (or cancel them) before creating more",
-            )
+            self._too_many()
+
+    def _too_many(self) -> NoReturn:
+        limit = self.config.max_unfinished
+        raise APIError(
+            429,
+            "Too many predictions",
+            f"this token already has {limit} predictions waiting or running, the most it may; "
+            "wait for some to finish (or cancel them) before creating more",
+        )
 
     def get(self, prediction_id: str, owner: str | None = None) -> PredictionRow:
         """The prediction; with `owner`, another token's reads as missing (404), as if it did not exist."""
@@ -402,6 +461,9 @@ class Service:
                     for d in downloads
                 ],
             }
+        workers = self.runner.workers()
+        if workers:
+            body["workers"] = [_worker_health(w) for w in workers]
         return body
 
     def metrics_text(self) -> bytes:
@@ -437,6 +499,29 @@ class Service:
             next_cursor=_cursor({"a": rows[-1].seq}) if older else None,
             previous_cursor=_cursor({"b": rows[0].seq}) if newer else None,
         )
+
+
+def _worker_health(worker: WorkerView) -> dict[str, Any]:
+    """One worker in /health-check: its device and modes, its budget, what it can serve and holds."""
+    body: dict[str, Any] = {"worker": worker.name, "state": worker.state, "modes": list(worker.modes)}
+    capacity = worker.capacity
+    if capacity is not None:
+        budget = capacity.budget_bytes
+        body["memory_budget"] = format_bytes(budget) if budget is not None else None
+        body["serves"] = [
+            {
+                "mode": o.mode,
+                "preset": o.preset,
+                "model": o.model,
+                "placement": o.placement,
+                "durations": list(o.durations),
+                "peak_memory": format_bytes(o.peak_bytes),
+                **({"reason": o.reason} if o.reason else {}),
+            }
+            for o in capacity.offers
+        ]
+        body["holds"] = list(worker.holds)
+    return body
 
 
 def _cursor(value: dict[str, int]) -> str:

@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,8 +78,6 @@ class Storage(Protocol):
     """The few things the service does with stored bytes. A missing object raises FileNotFoundError; a
     storage that refuses or cannot be reached raises StorageError (an OSError too), naming where and why."""
 
-    shared: bool  # other servers may write to it at the same time (one bucket behind a load balancer)
-
     def check(self) -> None:
         """Fail at start-up, with what to fix, when the storage cannot be used."""
 
@@ -114,15 +113,14 @@ class Storage(Protocol):
         """A URL the storage itself serves the object at, with no other credential, for `expires_in`
         seconds (S3), or None."""
 
-    def sweep(self) -> int:
-        """Remove what a killed process left half-written; returns how many."""
+    def sweep(self, min_age: float) -> int:
+        """Remove what a killed process left half-written, untouched for `min_age` seconds (other servers
+        may be writing younger ones); returns how many."""
 
 
 class LocalStorage:
     """Files under `root` (the data folder): `outputs/<id>.mp4`, `outputs/<id>.jpg`, `inputs/<id>.<field>`,
     `files/<id>`; files about to be put are written in `staging/` first, so a put is a rename."""
-
-    shared = False  # one server per data folder (DataDirLock)
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -218,34 +216,35 @@ class LocalStorage:
     def presigned_url(self, key: str, expires_in: int) -> None:
         return None
 
-    def sweep(self) -> int:
+    def sweep(self, min_age: float) -> int:
         """Half-written files (`.<name>.partial`, and `.<id>.part` of uploads before the staging folder)
         and staging folders of writes a killed process never finished."""
+        staging = self.staging_dir()
         left = [
             *(self.root / "outputs").glob(".*.partial"),
             *(self.root / "inputs").glob(".*.partial"),
             *(self.root / "files").glob(".*.part"),
             *(self.root / "files").glob(".*.partial"),
+            *(staging.iterdir() if staging.is_dir() else ()),
         ]
-        removed = 0
+        removed, now = 0, time.time()
         for path in left:
             try:
-                path.unlink()
+                if min_age and now - path.stat().st_mtime < min_age:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 removed += 1
             except OSError as exc:
-                log.warning("could not remove the half-written file %s (%s)", path, exc)
-        staging = self.staging_dir()
-        for path in staging.iterdir() if staging.is_dir() else ():
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
+                log.warning("could not remove the half-written %s (%s)", path, exc)
         return removed
 
 
 class S3Storage:
     """Objects in an S3-compatible bucket, under `prefix`; the client comes from boto3's credential chain
     (AWS_* variables, the shared config files, an instance or pod role) and `endpoint_url` when not AWS."""
-
-    shared = True
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
         self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
@@ -405,7 +404,7 @@ class S3Storage:
         except NoCredentialsError:
             raise StorageError(f"storage {self.describe()}: no credentials to sign a URL with") from None
 
-    def sweep(self) -> int:
+    def sweep(self, min_age: float) -> int:
         return 0  # an upload that never finished leaves no object (a bucket rule ends stale multiparts)
 
 

@@ -7,6 +7,10 @@ backoff (about a minute in all), across restarts too.
 
 Each token has its own secret, as each Replicate account has (`WebhookSecrets`): one token cannot sign what
 another token's receiver accepts. An operator-set `I2V_WEBHOOK_SECRET` applies to every token, as before.
+
+With several servers on one database each delivery is claimed by the server that records it and sent only
+by that one (checked before each attempt); the pending deliveries of a server that is gone are adopted by
+another (`adopt`), so each webhook goes out once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -67,9 +71,11 @@ class WebhookSecrets:
       receivers set up with it keep working; deleting the file gives each token its own.
     - otherwise each token's secret is derived from a key kept in the data dir (`webhook_key`, made on
       first start): `whsec_` + base64(HMAC-SHA256(key, owner id)); stable across restarts, never stored.
+      With several servers on one database (`store.shared`) the key is kept in the database instead, so
+      every server signs a token's webhooks alike (seeded from the data dir's key when it has one).
     """
 
-    def __init__(self, data_dir: Path, configured: str | None = None) -> None:
+    def __init__(self, data_dir: Path, configured: str | None = None, store: Store | None = None) -> None:
         legacy = data_dir / "webhook_secret"
         self.shared = configured or (legacy.read_text().strip() if legacy.is_file() else None)
         self.shared_reason = (
@@ -77,7 +83,14 @@ class WebhookSecrets:
         )
         self._key = None
         if self.shared is None:
-            key = read_or_make_secret(data_dir / "webhook_key", lambda: secrets.token_hex(32))
+            kept = data_dir / "webhook_key"
+            if store is not None and store.shared:
+                key = store.shared_value(
+                    "webhook_key",
+                    lambda: kept.read_text().strip() if kept.is_file() else secrets.token_hex(32),
+                )
+            else:
+                key = read_or_make_secret(kept, lambda: secrets.token_hex(32))
             self._key = bytes.fromhex(key)
 
     def for_owner(self, owner: str) -> str:
@@ -126,13 +139,22 @@ class WebhookSender:
         )
         self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
 
-    def start(self) -> None:
-        for row in self.store.pending_deliveries():
+    def start(self, claimants: Collection[int | None] | None = None) -> None:
+        """Adopt what a stopped server left pending (`adopt`), then start sending."""
+        self.adopt(claimants)
+        self._thread.start()
+
+    def adopt(self, claimants: Collection[int | None] | None = None) -> int:
+        """Take over the pending deliveries of servers that are gone (by default every other: SQLite's
+        restart); returns how many. Terminal ones are sent again; a progress event is stale by now (the
+        terminal one follows)."""
+        rows = self.store.adopt_deliveries(claimants)
+        for row in rows:
             if row.terminal:
                 self._push(0.0, "deliver", row)
-            else:  # a progress event from before a restart is stale; the terminal one follows
+            else:
                 self.store.update_delivery(row.id, state="failed", last_error="dropped: the server restarted")
-        self._thread.start()
+        return len(rows)
 
     def stop(self) -> None:
         with self._wake:
@@ -162,6 +184,7 @@ class WebhookSender:
             attempts=0,
             next_attempt_at=now,
             created_at=now,
+            claimed_by=self.store.claimant,
         )
         self._push(0.0, "record", row)
 
@@ -244,6 +267,11 @@ class WebhookSender:
             self.send(prediction_id, owner, url, event, text, terminal=False)
 
     def _attempt(self, row: DeliveryRow) -> None:
+        if not self.store.until_written(
+            f"the claim of webhook {row.id}", lambda: self.store.holds_delivery(row.id)
+        ):
+            log.warning("webhook %s for %s: another server has taken it over", row.id, row.prediction_id)
+            return
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",

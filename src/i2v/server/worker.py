@@ -30,26 +30,33 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..devices import GROUP_SEPARATOR
+from ..devices import GROUP_SEPARATOR, WorkerSpec
+from ..parsing import format_bytes
 from ..progress import DOWNLOAD_STAGE, DownloadProgress
-from ..request import MODES, Mode
+from ..request import MODES, KlingRequest, Mode
+from ..speed import REQUEST_PRESETS
 from .runner import (
     Canceled,
+    Capacity,
     ClipInfo,
     Event,
     EventCallback,
     Failed,
+    Holding,
     Job,
     Log,
+    Offer,
     RunnerState,
     Started,
     StateChanged,
     Succeeded,
+    WorkerView,
 )
 from .storage import poster_key, staged
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..executors import BackendKey
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +101,19 @@ class WorkerProcess:
         self,
         index: int,
         model: str | None,
-        device: str | None,
+        spec: WorkerSpec,
         on_event: EventCallback,
         preload: tuple[Mode, ...] = MODES,
     ) -> None:
-        self.index, self.model, self.device, self.preload = index, model, device, preload
+        self.index, self.model, self.spec, self.preload = index, model, spec, preload
+        self.device = spec.device
         self._on_event = on_event
         self._send_lock = threading.Lock()
         self.state: RunnerState = "STARTING"
         self.error: str | None = None
         self.current: str | None = None
+        self.capacity: Capacity | None = None  # what it can serve, once it has said
+        self.holds: tuple[str, ...] = ()
         self._stopping = False
         self._crashes = 0  # in a row before becoming ready: spaces out restarts of a worker that cannot start
         self._spawn()
@@ -113,7 +123,7 @@ class WorkerProcess:
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=worker_main,
-            args=(child, self.model, self.device, self.preload),
+            args=(child, self.model, self.device, self.spec.mode, self.preload),
             name=f"i2v-worker-{self.index}",
             # A group's worker starts its follower ranks, which a daemonic process may not; it still exits
             # as soon as the server's end of the pipe closes, and the runner's stop() (also at exit) ends it.
@@ -122,6 +132,7 @@ class WorkerProcess:
         self.process.start()
         child.close()
         self.state, self.current = "STARTING", None
+        self.capacity, self.holds = None, ()
         threading.Thread(target=self._read, name=f"i2v-worker-{self.index}-events", daemon=True).start()
 
     def send(self, message: ToWorker) -> None:
@@ -151,6 +162,13 @@ class WorkerProcess:
                 self.state, self.error = "SETUP_FAILED", detail
             case StateChanged("DOWNLOADING" | "STARTING" as state):
                 self.state = state
+            case Capacity() as capacity:
+                self.capacity = capacity
+                log.info("worker %d (%s) can serve: %s", self.index, self.spec, describe_capacity(capacity))
+                return []
+            case Holding(models):
+                self.holds = models
+                return []
             case Started() | Log():
                 pass
             case Succeeded() | Failed() | Canceled():
@@ -186,6 +204,18 @@ class WorkerProcess:
         self._spawn()
         self._on_event(StateChanged("STARTING"))
 
+    def view(self) -> WorkerView:
+        free = self.state in ("READY", "SETUP_FAILED") and self.current is None
+        return WorkerView(
+            index=self.index,
+            name=f"{self.index} ({self.spec})",
+            modes=self.spec.modes,
+            state=self.state if self.current is None or self.state != "READY" else "BUSY",
+            free=free,
+            capacity=self.capacity,
+            holds=self.holds,
+        )
+
     def stop(self) -> None:
         self._stopping = True
         with contextlib.suppress(OSError):
@@ -197,10 +227,13 @@ class WorkerProcess:
 
 
 class LocalRunner:
-    """Worker processes on this machine, one per configured device."""
+    """Worker processes on this machine, one per configured device (or group), each with its mode."""
 
     def __init__(
-        self, model: str | None, devices: tuple[str | None, ...] = (None,), preload: tuple[Mode, ...] = MODES
+        self,
+        model: str | None,
+        devices: tuple[WorkerSpec, ...] = (WorkerSpec(),),
+        preload: tuple[Mode, ...] = MODES,
     ) -> None:
         self.model, self.devices, self.preload = model, devices, preload
         self._workers: list[WorkerProcess] = []
@@ -227,15 +260,15 @@ class LocalRunner:
     def setup_error(self) -> str | None:
         return next((w.error for w in self._workers if w.error), None)
 
-    def free_slots(self) -> int:
-        return len(self._accepting())
+    def workers(self) -> tuple[WorkerView, ...]:
+        return tuple(worker.view() for worker in self._workers)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, worker: int) -> None:
         with self._lock:
-            free = self._accepting()
-            if not free:
-                raise RuntimeError("no free worker")
-            free[0].submit(job)
+            chosen = self._workers[worker]
+            if chosen not in self._accepting():
+                raise RuntimeError(f"worker {worker} is not free")
+            chosen.submit(job)
 
     def cancel(self, prediction_id: str) -> None:
         for worker in self._workers:
@@ -251,10 +284,14 @@ class LocalRunner:
 
 
 def worker_main(
-    conn: Connection, model: str | None, device: str | None, preload: tuple[Mode, ...] = MODES
+    conn: Connection,
+    model: str | None,
+    device: str | None,
+    mode: Mode | None = None,
+    preload: tuple[Mode, ...] = MODES,
 ) -> None:
-    """Entry point of a worker process: set up the engine (pull and load the preload modes' models), then
-    run jobs as they come."""
+    """Entry point of a worker process: set up the engine, say what it can serve (its `mode`, or every
+    mode) on its memory budget, pull and load the preload modes' models it serves, then run jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per hub request while weights load
@@ -263,8 +300,12 @@ def worker_main(
     running: dict[str, threading.Event] = {}  # the job now running, and its cancel flag
     early_cancels: set[str] = set()
 
+    engine: Engine | None = None
+
     def send(event: Event) -> None:
         with send_lock:
+            if isinstance(event, Succeeded | Failed | Canceled) and engine is not None:
+                conn.send(Holding(engine.executor.holds()))  # before the slot frees: routing reads it
             conn.send(event)
 
     def read() -> None:
@@ -287,7 +328,6 @@ def worker_main(
 
     threading.Thread(target=read, name="server-pipe", daemon=True).start()
 
-    engine: Engine | None = None
     setup_error: str | None = None
     try:
         from ..engine import Engine
@@ -295,8 +335,15 @@ def worker_main(
 
         # Images arrive as the bytes checked at create; the engine never fetches or reads a path here.
         # A device group ("cuda:0+cuda:1") gives an engine that splits each request across its GPUs.
+        # A setup that fails after this (a preload's download) leaves the engine to the jobs, which try
+        # again and fail with their own reason if they must.
         engine = Engine(model, device=device, loader=ImageLoader(allow_local_paths=False))
-        modes = _preload(engine, preload, send)
+        capacity = serving_capacity(engine, (mode,) if mode else MODES)
+        log.info(
+            "on a budget of %s this worker can serve: %s", _budget(capacity), describe_capacity(capacity)
+        )
+        send(capacity)  # before any download: a create no worker can hold is refused from now on
+        modes = preload_models(engine, capacity, preload, send)
         speed = engine.settings.speed
         if modes and speed.on(speed.warmup, engine.device):  # compile and tune now, not in the first request
             log.info("warmed up in %s", engine.warm_up(modes))
@@ -305,6 +352,7 @@ def worker_main(
         log.error("%s\n%s", setup_error, traceback.format_exc())
         send(StateChanged("SETUP_FAILED", setup_error))
     else:
+        send(Holding(engine.executor.holds()))
         send(StateChanged("READY"))
 
     while (job := jobs.get()) is not None:
@@ -322,11 +370,20 @@ def worker_main(
             os._exit(70)
 
 
-def _preload(engine: Engine, modes: tuple[Mode, ...], send: Send) -> tuple[Mode, ...]:
-    """Pull (reporting DOWNLOADING with the bytes) and load each mode's model, once per model; returns the
-    modes loaded. A prediction for one of them waits in the server's queue meanwhile."""
-    distinct: dict[object, Mode] = {}
+def preload_models(
+    engine: Engine, capacity: Capacity, modes: tuple[Mode, ...], send: Send
+) -> tuple[Mode, ...]:
+    """Pull (reporting DOWNLOADING with the bytes) and load the model of each preload mode this worker
+    serves and can hold (`capacity`), once per model; returns the modes loaded. A model that would drop
+    another one from memory to fit (no room for it in CPU memory, i2v.residency) is pulled but loads on
+    first use. A prediction for one of them waits in the server's queue meanwhile."""
+    fits = {o.mode for o in capacity.offers if o.preset == "default" and o.durations}
+    distinct: dict[BackendKey, Mode] = {}
     for mode in modes:
+        if mode not in fits:
+            if any(o.mode == mode for o in capacity.offers):  # its own: it does not fit this worker's budget
+                log.info("not preloading mode %s: it does not fit this worker's memory budget", mode)
+            continue
         distinct.setdefault(engine.key(mode), mode)
     last: list[DownloadProgress] = []
 
@@ -334,13 +391,18 @@ def _preload(engine: Engine, modes: tuple[Mode, ...], send: Send) -> tuple[Mode,
         last[:] = [progress]
         send(StateChanged("DOWNLOADING", download=progress))
 
-    for mode in distinct.values():
+    loaded = []
+    for key, mode in distinct.items():
         last.clear()
         engine.pull(mode, on_download=downloading)
         if last:
             send(StateChanged("STARTING"))
+        if loaded and engine.executor.would_drop(key):
+            log.info("pulled %s; it loads on first use (loading it now would drop another model)", key.ref)
+            continue
         engine.backend(mode)
-    return tuple(distinct.values())
+        loaded.append(mode)
+    return tuple(loaded)
 
 
 def _run_job(
@@ -384,7 +446,14 @@ def _run_job(
         if _out_of_memory(exc):
             log.error("prediction %s ran out of GPU memory: %s", job.id, exc)
             _free_gpu_memory()
-            send(Failed(job.id, out_of_memory_advice(job.request.mode, job.request.duration)))
+            send(
+                Failed(
+                    job.id,
+                    out_of_memory_advice(
+                        job.request.mode, job.request.duration, **_memory_facts(engine, job.request)
+                    ),
+                )
+            )
         else:
             log.error("prediction %s crashed:\n%s", job.id, traceback.format_exc())
             send(Failed(job.id, f"internal error: {type(exc).__name__}: {exc}"))
@@ -458,15 +527,87 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def out_of_memory_advice(mode: str, duration: int) -> str:
-    """What to ask for instead when a prediction did not fit in GPU memory."""
+def out_of_memory_advice(
+    mode: str,
+    duration: int,
+    *,
+    model: str | None = None,
+    placement: str | None = None,
+    budget: int | None = None,
+    device: str | None = None,
+) -> str:
+    """What failed and what to change when a prediction did not fit in GPU memory."""
     smaller = []
     if mode == "pro":
         smaller.append("mode standard (720p instead of 1080p)")
     if duration == 10:
         smaller.append("duration 5")
     ask = "; ".join(smaller) if smaller else "a smaller request"
+    what = f" running {model} ({placement})" if model else ""
+    within = f" within a memory budget of {format_bytes(budget)} on {device}" if budget is not None else ""
     return (
-        f"out of GPU memory: use {ask}, or run the server on a GPU with more memory "
-        "(the worker is still up and serving)"
+        f"out of GPU memory{what}{within}: use {ask}; or set I2V_PRESET=low-vram (group offload); if "
+        "another process shares the GPU, set I2V_GPU_MEMORY to what is left for i2v; or run the server "
+        "on a GPU with more memory (docs/memory.md says what fits where). The worker is still up and serving"
     )
+
+
+def _memory_facts(engine: Engine | None, request: KlingRequest) -> dict[str, object]:
+    if engine is None:
+        return {}
+    try:
+        key = engine.key(request.mode, engine.preset(request))
+        need = engine.executor.need(key)
+    except Exception:  # the advice must not fail over the facts
+        return {}
+    return {
+        "model": key.ref,
+        "placement": str(need.placement),
+        "budget": engine.executor.budget,
+        "device": str(engine.device),
+    }
+
+
+def serving_capacity(engine: Engine, modes: tuple[Mode, ...]) -> Capacity:
+    """What this worker can run on its budget, per mode and preset (from footprints; no weights read)."""
+    from ..errors import I2VError
+
+    budget = engine.executor.budget
+    offers = []
+    for mode in modes:
+        for preset in REQUEST_PRESETS:
+            try:
+                key = engine.key(mode, preset)
+                need = engine.executor.need(key)
+            except I2VError as exc:
+                if preset == "default":
+                    raise  # the mode's own model: the setup fails with the reason
+                offers.append(Offer(mode, preset, "?", "", (), 0, 0, reason=str(exc)))
+                continue
+            missing = [d for d in need.peaks if d not in need.fits]
+            reason = None
+            if missing:
+                limit = format_bytes(budget) if budget is not None else "unlimited"
+                reason = (
+                    f"{key.ref} needs {format_bytes(need.peaks[missing[0]])} for a {missing[0]} s clip at its "
+                    f"best placement ({need.placement}), more than this worker's budget of {limit}"
+                )
+            offers.append(
+                Offer(mode, preset, key.ref, str(need.placement), need.fits, need.idle, need.peak, reason)
+            )
+    return Capacity(budget, engine.settings.speed.request_preset(None), tuple(offers))
+
+
+def describe_capacity(capacity: Capacity) -> str:
+    parts = []
+    for offer in capacity.offers:
+        if offer.durations:
+            seconds = " and ".join(f"{d} s" for d in offer.durations)
+            parts.append(f"{offer.mode}/{offer.preset} ({offer.model}, {offer.placement}, {seconds})")
+        else:
+            parts.append(f"not {offer.mode}/{offer.preset} ({offer.reason})")
+    return "; ".join(parts) or "nothing"
+
+
+def _budget(capacity: Capacity) -> str:
+    return format_bytes(capacity.budget_bytes) if capacity.budget_bytes is not None else "no limit"
