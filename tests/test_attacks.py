@@ -911,7 +911,7 @@ def test_the_official_clients_see_the_account_and_versions_filed_under_kling(ser
     assert other.username != account.username
     version = client.models.get(MODEL).latest_version.id
     output = client.run(f"{MODEL}:{version}", input={"prompt": "x", "start_image": IMAGE})
-    prediction_id = str(output).split("/v1/predictions/")[1].split("/")[0]
+    prediction_id = str(output).split("/outputs/")[1].split(".mp4")[0]
     with client_for(server) as http:
         assert http.get(f"/v1/predictions/{prediction_id}").json()["model"] == MODEL
         by_id = http.post(

@@ -25,6 +25,7 @@ from i2v.server.cog_schema import version_id
 from i2v.server.config import ServerConfig
 from i2v.server.limits import token_owner
 from i2v.server.states import CANCELED, QUEUED, RUNNING
+from i2v.server.storage import LocalStorage, input_key
 from i2v.server.store import DataDirInUse, DataDirLock, PredictionRow, StorageError, Store, utcnow
 from i2v.server.webhooks import WebhookSecrets
 
@@ -160,13 +161,14 @@ def test_orphan_files_are_removed_at_start_and_waiting_inputs_kept(tmp_path, cap
     with TestClient(app_module.create_app(config, runner=IdleRunnerForTests())) as client:
         waiting = client.post(PREDICTIONS, json={"input": {"prompt": "x", "start_image": data_uri(400, 400)}})
         assert waiting.status_code == 201
-    kept = config.input_path(waiting.json()["id"], "start_image")
+    storage = LocalStorage(config.data_dir)
+    kept = storage.path(input_key(waiting.json()["id"], "start_image"))
     assert kept.is_file()
     # what a SIGKILL leaves: inputs of a prediction that ended or never got stored, half-written files
     orphans = [
-        config.input_path("gone0000000000000000000000", "start_image"),
-        config.files_dir / ".abc.part",
-        config.outputs_dir / ".xyz.mp4.partial",
+        storage.path(input_key("gone0000000000000000000000", "start_image")),
+        config.data_dir / "files" / ".abc.part",
+        config.data_dir / "outputs" / ".xyz.mp4.partial",
     ]
     for path in orphans:
         path.write_bytes(b"left behind")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 from conftest import make_image
@@ -154,10 +153,14 @@ def test_backend_plugins_come_from_the_environment(monkeypatch, tmp_path):
 
 def test_files_never_map_an_id_outside_their_folder(tmp_path):
     from i2v.server.files import Files
+    from i2v.server.storage import LocalStorage
 
-    files = Files(Store(tmp_path / "i2v.db"), tmp_path / "files", None)
+    storage = LocalStorage(tmp_path)
+    files = Files(Store(tmp_path / "i2v.db"), storage, None)
     for bad in ("../i2v.db", "..", "a/b", "", "A" * 41, "x\x00"):
         with pytest.raises(ValueError):
-            files.path(bad)
-    assert files.path("abc123") == tmp_path / "files" / "abc123"
-    assert isinstance(files.path("abc123"), Path)
+            files.key(bad)
+    assert storage.path(files.key("abc123")) == tmp_path / "files" / "abc123"
+    for bad in ("files/../i2v.db", "outputs/../../x.mp4", "i2v.db", "files/a/b", "outputs/.x.mp4"):
+        with pytest.raises(ValueError):  # and the storage takes only keys made from such ids
+            storage.path(bad)

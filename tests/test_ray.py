@@ -116,7 +116,7 @@ def test_predictions_run_on_the_cluster_through_the_official_client(server, tmp_
     for prediction_id in queued:
         done = server.wait_for(prediction_id, TERMINAL, timeout=120)
         assert done["status"] == "succeeded", done["error"]
-    assert client.predictions.get(queued[0]).output.endswith(f"/v1/predictions/{queued[0]}/output.mp4")
+    assert f"/outputs/{queued[0]}.mp4?expires=" in client.predictions.get(queued[0]).output  # a signed link
 
 
 def test_cancel_stops_a_clip_on_its_worker_mid_run(server):
@@ -224,32 +224,38 @@ def test_the_ray_settings_come_from_the_environment_and_are_checked(monkeypatch,
 
 
 def test_the_actor_channel_sends_the_video_back_as_bytes(tmp_path):
-    """Inside an actor: a job's mp4 goes to the actor's scratch folder, then to the server as bytes just
-    before its Succeeded, and the scratch file goes; a job that fails leaves nothing behind either."""
+    """Inside an actor: a job's mp4 and poster go to the actor's scratch storage, then to the server as
+    bytes just before its Succeeded, and the scratch files go; a job that fails leaves nothing behind."""
     from i2v.request import KlingRequest
     from i2v.server.ray_runner import ActorChannel, VideoBytes
     from i2v.server.runner import Failed, Job, Log, Succeeded
+    from i2v.server.storage import LocalStorage, output_key, poster_key
     from i2v.server.worker import CancelJob, RunJob
 
-    channel = ActorChannel(tmp_path)
+    server_side = LocalStorage(tmp_path / "server")
+    channel = ActorChannel(tmp_path / "actor")
     request = KlingRequest(prompt="x", start_image="data:,")
     for prediction_id in ("one", "two"):
-        channel.put(RunJob(Job(prediction_id, request, {"start_image": b"png"}, "/server/outputs/x.mp4")))
+        job = Job(prediction_id, request, {"start_image": b"png"}, output_key(prediction_id), server_side)
+        channel.put(RunJob(job))
     channel.put(CancelJob("two"))
     runs = [channel.recv() for _ in range(2)]
     assert isinstance(channel.recv(), CancelJob)
-    outputs = [Path(run.job.output) for run in runs if isinstance(run, RunJob)]
-    assert outputs == [tmp_path / "one.mp4", tmp_path / "two.mp4"]
+    scratch = {run.job.storage for run in runs if isinstance(run, RunJob)}
+    assert scratch == {LocalStorage(tmp_path / "actor")}  # never the server's storage
+    assert [run.job.output for run in runs] == [output_key("one"), output_key("two")]
     assert runs[0].job.images == {"start_image": b"png"}  # the rest of the job as it was sent
-    outputs[0].write_bytes(b"an mp4")
-    outputs[1].write_bytes(b"half an mp4")
+    actor_side = scratch.pop()
+    actor_side.put_bytes(output_key("one"), b"an mp4", "video/mp4")
+    actor_side.put_bytes(poster_key("one"), b"a jpeg", "image/jpeg")
+    actor_side.put_bytes(output_key("two"), b"half an mp4", "video/mp4")
     channel.send(Log("one", "50%"))
     channel.send(Succeeded("one", 1.0))
     channel.send(Failed("two", "out of memory"))
     assert channel.take(0.0) == [
         Log("one", "50%"),
-        VideoBytes("one", b"an mp4"),
+        VideoBytes("one", b"an mp4", b"a jpeg"),
         Succeeded("one", 1.0),
         Failed("two", "out of memory"),
     ]
-    assert channel.take(0.0) == [] and not list(tmp_path.iterdir())
+    assert channel.take(0.0) == [] and not list((tmp_path / "actor" / "outputs").iterdir())

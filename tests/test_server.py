@@ -173,9 +173,7 @@ def test_run_with_a_file_object(server, tmp_path):
     path.write_bytes(make_image(640, 360, seed=1))
     with path.open("rb") as image:
         output = client.run(MODEL, input={"prompt": "a calm sea at dawn", "start_image": image, "seed": 3})
-    assert isinstance(output, str) and output.startswith(
-        f"{server.base}/v1/predictions/"
-    )  # http: a plain string
+    assert isinstance(output, str) and output.startswith(f"{server.base}/outputs/")  # http: a plain string
     with server.http() as http:
         video = http.get(output)
         assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
@@ -185,7 +183,10 @@ def test_run_with_a_file_object(server, tmp_path):
         part = http.get(output, headers={"range": "bytes=1000-1999"})
         assert part.status_code == 206 and part.content == video.content[1000:2000]
         assert part.headers["content-range"] == f"bytes 1000-1999/{len(video.content)}"
-    assert httpx.get(output).status_code == 401  # outputs sit behind the same auth
+    # a signed link, like Replicate's: no token needed; the token route stays behind the token
+    assert httpx.get(output).content == video.content
+    prediction_id = output.split("/outputs/")[1].split(".mp4")[0]
+    assert httpx.get(f"{server.base}/v1/predictions/{prediction_id}/output.mp4").status_code == 401
 
     prediction = client.predictions.list().results[0]
     assert prediction.status == "succeeded" and prediction.output == output

@@ -52,7 +52,9 @@ def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(
                 time.sleep(0.5)
             assert expired["output"] is None and expired["input"]["start_image"] is None
             assert expired["status"] == "succeeded"
-            assert http.get(done["output"]).status_code == 404
+            gone = http.get(done["output"])  # the signed link lasted as long as the output: no longer
+            assert gone.status_code == 403 and "expired" in gone.json()["detail"]
+            assert http.get(f"/v1/predictions/{done['id']}/output.mp4").status_code == 404
             deadline = time.monotonic() + 30
             while http.get(f"/v1/files/{upload['id']}").status_code != 404:
                 assert time.monotonic() < deadline

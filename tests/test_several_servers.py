@@ -179,7 +179,7 @@ def test_creates_spread_over_two_servers_each_run_once_and_answer_once(servers, 
         failed = rows(database, "SELECT count(*) FROM webhook_deliveries WHERE state = 'failed' AND terminal")
         assert failed == [(0,)]
 
-        # outputs live in the shared data dir: either server serves any
+        # outputs live in the shared data dir, at links both servers sign alike: either server serves any
         token = MAIN_TOKENS[0]
         for n in (1, 2):
             with http(servers[(n + 1) % 2], token) as client:
@@ -231,14 +231,14 @@ def test_the_official_client_works_against_either_server(servers):
     a, b = (replicate.Client(api_token=TOKEN, base_url=s.base) for s in servers)
     for client in (a, b):
         output = client.run(MODEL, input={"prompt": "x", "start_image": IMAGE})
-        assert str(output).endswith("/output.mp4")
+        assert "/outputs/" in str(output) and "signature=" in str(output)
     created = a.predictions.create(model=MODEL, input={"prompt": "x", "start_image": IMAGE})
     seen = b.predictions.get(created.id)
     seen.wait()
     assert seen.status == "succeeded"
     assert (
-        seen.output.split("/v1/")[1] == a.predictions.get(created.id).output.split("/v1/")[1]
-    )  # its own host
+        seen.output.split("/outputs/")[1] == a.predictions.get(created.id).output.split("/outputs/")[1]
+    )  # its own host, the same signed link (one key, in the database)
     slow = a.predictions.create(model=MODEL, input={"prompt": "fault:slow:2000", "start_image": IMAGE})
     b.predictions.cancel(slow.id)
     slow = a.predictions.get(slow.id)

@@ -134,8 +134,12 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Output URLs behind the token (I2V_OUTPUT_URLS=token): the page fetches those with it, whole.
     yield from _start_server(
-        tmp_path_factory.mktemp("web-fault"), TOKEN, model="fault-injection", env=FAULT_ENV
+        tmp_path_factory.mktemp("web-fault"),
+        TOKEN,
+        model="fault-injection",
+        env={**FAULT_ENV, "I2V_OUTPUT_URLS": "token"},
     )
 
 
@@ -356,11 +360,16 @@ def test_clip_plays_and_its_api_snippets_make_the_same_clip(
     expect(page.locator("#output-size")).to_have_text("Output: 1152 × 720 · 5 s · 24 fps")
     page.fill("#prompt", PROMPT)  # no seed: the server picks one, and the snippets fill it in
     page.evaluate(RECORDER)
+    fetched: list[dict[str, str]] = []  # the player's requests for the clip
+    page.on("request", lambda r: "/outputs/" in r.url and fetched.append({"url": r.url, **r.all_headers()}))
     page.click("#submit")
     expect(page.locator("#clip-title")).to_be_focused()  # focus follows the new clip, not the page body
     expect(page.locator("#clip-state")).to_have_text("Done", timeout=CLIP_TIMEOUT_S * 1000)
     playing = wait_until_playing(page)
-    assert playing["src"].startswith("blob:"), "with auth on, the clip is fetched with the token"
+    # The player streams the signed link itself (byte ranges, no token, nothing fetched whole first), at
+    # the page's own origin though the server names itself localhost.
+    assert playing["src"].startswith(f"{tiny_server}/outputs/") and "signature=" in playing["src"]
+    assert fetched and all("range" in r and "authorization" not in r for r in fetched), fetched
     assert playing["duration"] == pytest.approx(5.04, abs=0.1)
     assert (playing["width"], playing["height"]) == (1152, 720)
 
@@ -533,7 +542,7 @@ def test_the_result_is_the_clip_it_names_and_cancel_works_anywhere(
     new_clip(page, image, "clip A, black frames at once")
     expect(page.locator("#clip-state")).to_have_text("Done", timeout=60_000)
     first = clip_id(page)
-    wait_until_playing(page)
+    assert wait_until_playing(page)["src"].startswith("blob:")  # behind the token: fetched with it
 
     # Clip B starts: the panel is B's at once (its prompt and id), with no player of A left.
     page.evaluate(RECORDER)

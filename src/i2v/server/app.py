@@ -31,7 +31,8 @@ from .cog_schema import COG_VERSION, openapi_schema, version_id
 from .config import ServerConfig
 from .deps import BaseURL, Owner, ServiceDep, authenticate, authorize_metrics
 from .files import FileTooLarge
-from .responses import file_response
+from .links import SIGNED_ROUTE
+from .responses import stored_response
 from .runner import Runner
 from .schemas import (
     APIError,
@@ -203,20 +204,26 @@ def create_app(config: ServerConfig, runner: Runner | None = None, store: Store 
                 log.exception("waiting on %s failed", row.id)
             # The official client polls only when the answer says `starting`: anything else it takes as final.
             status = None if row.status in TERMINAL else "starting"
-        return JSONResponse(prediction_body(row, base, status=status), status_code=201, headers=headers)
+        body = prediction_body(row, base, service.output_url(row, base), status=status)
+        return JSONResponse(body, status_code=201, headers=headers)
 
     @api.get("/predictions")
     def list_predictions(
         service: ServiceDep, caller: Owner, base: BaseURL, cursor: str | None = None
     ) -> dict[str, Any]:
         page = service.predictions(cursor, caller)
-        return _page(page, f"{base}/v1/predictions", lambda row: prediction_body(row, base))
+        return _page(
+            page,
+            f"{base}/v1/predictions",
+            lambda row: prediction_body(row, base, service.output_url(row, base)),
+        )
 
     @api.get("/predictions/{prediction_id}")
     def get_prediction(
         prediction_id: str, service: ServiceDep, caller: Owner, base: BaseURL
     ) -> dict[str, Any]:
-        return prediction_body(service.get(prediction_id, caller), base)
+        row = service.get(prediction_id, caller)
+        return prediction_body(row, base, service.output_url(row, base))
 
     @api.post("/predictions/{prediction_id}/cancel")
     async def cancel_prediction(
@@ -225,12 +232,12 @@ def create_app(config: ServerConfig, runner: Runner | None = None, store: Store 
         row = await asyncio.to_thread(service.cancel, prediction_id, caller)
         if row.status not in TERMINAL:  # give a running one a moment to stop at its next step
             row = await service.wait(prediction_id, 2.0)
-        return prediction_body(row, base)
+        return prediction_body(row, base, service.output_url(row, base))
 
     @api.api_route("/predictions/{prediction_id}/output.mp4", methods=["GET", "HEAD"])
     def get_output(prediction_id: str, request: Request, service: ServiceDep, caller: Owner) -> Response:
-        path = service.output(prediction_id, caller)
-        return file_response(request, path, "video/mp4", path.name, content_disposition_type="inline")
+        key = service.output(prediction_id, caller)
+        return _output(request, service, key, f"output of prediction {prediction_id}")
 
     # files
 
@@ -280,7 +287,9 @@ def create_app(config: ServerConfig, runner: Runner | None = None, store: Store 
     def download_file(file_id: str, request: Request, service: ServiceDep, caller: Owner) -> Response:
         row = service.file(file_id, caller)
         try:
-            return file_response(request, service.file_path(row), row.content_type, row.name)
+            return stored_response(
+                request, service.storage, service.file_key(row), row.content_type, row.name
+            )
         except FileNotFoundError:
             raise not_found(f"file {file_id}") from None
 
@@ -301,10 +310,40 @@ def create_app(config: ServerConfig, runner: Runner | None = None, store: Store 
     def account(service: ServiceDep, caller: Owner) -> dict[str, Any]:
         return service.account(caller)
 
+    # outputs at signed links (I2V_OUTPUT_URLS=signed): no token, the signature is the credential
+
+    @app.api_route(SIGNED_ROUTE + "/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    def signed_output(
+        name: str,
+        request: Request,
+        service: ServiceDep,
+        expires: str | None = None,
+        signature: str | None = None,
+    ) -> Response:
+        key, left = service.signed_output(name, expires, signature)  # 403 saying why when it is not good
+        headers = {
+            # The link is the credential: any page may fetch it (as Replicate's outputs), none may cache
+            # it past its expiry.
+            "access-control-allow-origin": "*",
+            "cache-control": f"private, max-age={left}",
+        }
+        return _output(request, service, key, f"output {name}", headers)
+
     app.include_router(api)
     app.include_router(page_api.router, prefix="/v1", dependencies=[authenticated])  # poster, estimate
     app.include_router(web.router)  # the page at /, open: it asks the API for a token itself
     return app
+
+
+def _output(
+    request: Request, service: Service, key: str, what: str, headers: dict[str, str] | None = None
+) -> Response:
+    try:
+        return stored_response(
+            request, service.storage, key, "video/mp4", key.rpartition("/")[2], "inline", headers
+        )
+    except FileNotFoundError:
+        raise not_found(what) from None
 
 
 async def _body(request: Request) -> CreatePrediction:

@@ -18,8 +18,9 @@ from ..devices import WorkerSpec, worker_spec
 from ..errors import I2VError
 from ..parsing import CommaList, Duration, Flag, Limit, Seconds
 from ..parsing import parse_duration as _parse_duration
-from ..request import MODES, ImageField, Mode
+from ..request import MODES, Mode
 from ..settings import EnvSettings, FieldPath, xdg_data_home
+from .storage import Storage, open_storage, parse_storage_url
 
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = "0.0.0.0"
@@ -81,6 +82,16 @@ class ServerConfig(EnvSettings):
     - metrics_token: the credential of `/metrics` (`I2V_METRICS_TOKEN`); API tokens cannot read it.
     - trusted_hosts: the Host names requests may carry (`I2V_TRUSTED_HOSTS`, `*.example.com` allowed);
       others get 400. URLs are built from the Host when no public URL is set.
+    - storage_url: where uploads, inputs and outputs are kept (`I2V_STORAGE_URL`): unset, files under the
+      data folder; `s3://bucket/prefix`, an S3-compatible bucket (credentials: boto3's own chain), at
+      `s3_endpoint_url` (`I2V_S3_ENDPOINT_URL`) for MinIO, R2, Ceph RGW and the like.
+    - output_urls: what a prediction's `output` is (`I2V_OUTPUT_URLS`): `signed` (default), an expiring
+      signed link to this server that needs no token, like Replicate's; `token`, a link behind the API
+      token; `presigned` (S3 only), the bucket's own presigned URL (see links.py for what each is).
+    - output_url_lifetime: how long a signed link works from when it is handed out
+      (`I2V_OUTPUT_URL_LIFETIME`); unset: the retention period, else 7 days. Never past the retention.
+    - output_url_secret: the key links are signed with (`I2V_OUTPUT_URL_SECRET`); unset, one kept in the
+      data folder, or in the database when several servers share it.
     - database_url: where predictions, files and webhooks are recorded (`I2V_DATABASE_URL`): unset, SQLite
       in the data dir (one server); `postgresql+psycopg://user:password@host/db` lets several servers
       share it (docs/deploy.md). `postgresql://` and `postgres://` mean psycopg too.
@@ -115,6 +126,11 @@ class ServerConfig(EnvSettings):
         "I2V_BODY_MEMORY": ("body_memory",),
         "I2V_METRICS_TOKEN": ("metrics_token",),
         "I2V_TRUSTED_HOSTS": ("trusted_hosts",),
+        "I2V_STORAGE_URL": ("storage_url",),
+        "I2V_S3_ENDPOINT_URL": ("s3_endpoint_url",),
+        "I2V_OUTPUT_URLS": ("output_urls",),
+        "I2V_OUTPUT_URL_LIFETIME": ("output_url_lifetime",),
+        "I2V_OUTPUT_URL_SECRET": ("output_url_secret",),
         "I2V_DATABASE_URL": ("database_url",),
         "I2V_RUNNER": ("runner",),
         "I2V_RAY_ADDRESS": ("ray_address",),
@@ -150,6 +166,11 @@ class ServerConfig(EnvSettings):
     body_memory: Limit = DEFAULT_BODY_MEMORY
     metrics_token: str | None = None
     trusted_hosts: CommaList = ()
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    output_urls: Literal["signed", "token", "presigned"] = "signed"
+    output_url_lifetime: Duration = None
+    output_url_secret: str | None = None
     database_url: str | None = None
     runner: Literal["local", "ray"] = "local"
     ray_address: str = "auto"
@@ -189,6 +210,22 @@ class ServerConfig(EnvSettings):
         value = (value or "").strip().rstrip("/") or None
         if value and not _ORIGIN.match(value):
             raise ValueError(f"expected an http(s) origin like https://video.example.com, got {value!r}")
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value:
+            parse_storage_url(value)
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        value = (value or "").strip().rstrip("/") or None
+        if value and not _ORIGIN.match(value):
+            raise ValueError(f"expected an http(s) URL like https://minio.example.com:9000, got {value!r}")
         return value
 
     @field_validator("database_url")
@@ -262,6 +299,15 @@ class ServerConfig(EnvSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _presigned_needs_s3(self) -> ServerConfig:
+        if self.output_urls == "presigned" and not self.storage_url:
+            raise ValueError(
+                "I2V_OUTPUT_URLS=presigned needs S3 storage (I2V_STORAGE_URL=s3://bucket/prefix); with files "
+                "under the data folder, use signed (the default) or token"
+            )
+        return self
+
     @property
     def preload_modes(self) -> tuple[Mode, ...]:
         """The modes whose models a worker pulls and loads at start-up (`preload`)."""
@@ -285,25 +331,9 @@ class ServerConfig(EnvSettings):
         """Whether other servers may use the same database (PostgreSQL), so nothing may assume it is alone."""
         return not self.store_url.startswith("sqlite")
 
-    @property
-    def files_dir(self) -> Path:
-        return self.data_dir / "files"
-
-    @property
-    def outputs_dir(self) -> Path:
-        return self.data_dir / "outputs"
-
-    @property
-    def inputs_dir(self) -> Path:
-        return self.data_dir / "inputs"
-
-    def output_path(self, prediction_id: str) -> Path:
-        """Where a prediction's mp4 is written and served from."""
-        return self.outputs_dir / f"{prediction_id}.mp4"
-
-    def input_path(self, prediction_id: str, field: ImageField) -> Path:
-        """Where an image input's bytes, checked at create, wait for the worker."""
-        return self.inputs_dir / f"{prediction_id}.{field}"
+    def storage(self) -> Storage:
+        """Where uploads, inputs and outputs are kept (`storage_url`; unset: the data folder)."""
+        return open_storage(self.storage_url, self.data_dir, self.s3_endpoint_url)
 
     def base_url(self, request_base: str) -> str:
         """The origin URLs are built from: the public URL when set, else the one the request came to."""

@@ -8,6 +8,9 @@ idle, and a mode whose workers are all busy never holds up another mode. Runner 
 store, wake `Prefer: wait` requests and send webhooks. While a worker downloads weights at set-up, the
 downloads are kept for /health-check, logged, and each waiting prediction's logs say what it waits for.
 
+Inputs and outputs are in the storage (`storage.py`: the data folder or a bucket); the worker puts the mp4
+there itself, and the dispatcher checks it is there before the prediction succeeds.
+
 Each status change is the store's compare-and-set, so a prediction ends once: whoever wins (a cancel, the
 worker's outcome, a restart's recovery) calls `ended`, and a loser changes nothing. The writes that follow
 runner events are retried until they land (`Store.until_written`): a full disk delays an outcome, never
@@ -35,6 +38,7 @@ from ..request import IMAGE_FIELDS, MODES, ImageField, KlingRequest
 from .admission import refusal
 from .config import ServerConfig
 from .housekeeping import Metrics
+from .links import OutputLinks
 from .routing import Head, choose_worker, stored_request
 from .runner import (
     Canceled,
@@ -52,6 +56,7 @@ from .runner import (
 )
 from .schemas import prediction_body
 from .states import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Status, WebhookEvent
+from .storage import Storage, input_key, output_key, poster_key
 from .store import PredictionRow, StorageError, Store, utcnow
 from .webhooks import WebhookSender
 
@@ -68,9 +73,12 @@ class Dispatcher:
         runner: Runner,
         webhooks: WebhookSender,
         metrics: Metrics,
+        storage: Storage,
+        links: OutputLinks,
     ) -> None:
         self.config, self.store, self.runner = config, store, runner
         self.webhooks, self.metrics = webhooks, metrics
+        self.storage, self.links = storage, links
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._lock = threading.Lock()
         self._pending = threading.Event()  # set when there may be something to dispatch
@@ -189,12 +197,13 @@ class Dispatcher:
             if getattr(request, field) is None:
                 continue
             try:
-                images[field] = self.config.input_path(row.id, field).read_bytes()
-            except OSError:
+                images[field] = self.storage.read(input_key(row.id, field))
+            except OSError as exc:  # missing, or a storage that cannot be reached
                 raise ValueError(
-                    f"{field}: the image checked at create is missing from the data folder"
+                    f"{field}: the image checked at create could not be read from "
+                    f"{self.storage.describe()} ({exc.strerror or exc})"
                 ) from None
-        return Job(id=row.id, request=request, images=images, output=str(self.config.output_path(row.id)))
+        return Job(id=row.id, request=request, images=images, output=output_key(row.id), storage=self.storage)
 
     # requests waiting on a prediction
 
@@ -271,16 +280,18 @@ class Dispatcher:
                         row.id, row.owner, row.webhook, "logs", lambda: self._progress_body(prediction_id)
                     )
             case Succeeded(prediction_id, predict_time, info):
-                output = self.config.output_path(prediction_id)
-                if not self._readable(output):
+                key = output_key(prediction_id)
+                if not self._stored(key):
                     self.finish(
-                        prediction_id, status=FAILED, error="the output video is missing from the data folder"
+                        prediction_id,
+                        status=FAILED,
+                        error=f"the output video is missing from {self.storage.describe()}",
                     )
                     return
                 self.finish(
                     prediction_id,
                     status=SUCCEEDED,
-                    output=output.name,
+                    output=key.rpartition("/")[2],
                     predict_time=predict_time,
                     log_line=f"seed: {info.seed}" if info is not None else None,
                 )
@@ -338,8 +349,10 @@ class Dispatcher:
             ),
         )
         if row is None:  # it had ended already (canceled meanwhile, or a late report): what was decided stays
-            if status == SUCCEEDED and current.status != SUCCEEDED:
-                self.config.output_path(prediction_id).unlink(missing_ok=True)  # nobody will serve it
+            if status == SUCCEEDED and current.status != SUCCEEDED:  # nobody will serve it
+                for key in (output_key(prediction_id), poster_key(prediction_id)):
+                    with contextlib.suppress(OSError):
+                        self.storage.delete(key)
             return
         self.ended(row)
         self.kick()
@@ -350,8 +363,10 @@ class Dispatcher:
         Never raises: the end is already recorded, so a caller (a cancel) has succeeded whatever follows.
         An input file that cannot be removed now is removed at the next start."""
         for field in IMAGE_FIELDS:
+            if field not in row.input:
+                continue
             try:
-                self.config.input_path(row.id, field).unlink(missing_ok=True)
+                self.storage.delete(input_key(row.id, field))
             except OSError as exc:
                 log.warning("prediction %s: could not remove its %s input (%s)", row.id, field, exc)
         self.metrics.ended(row)
@@ -370,21 +385,25 @@ class Dispatcher:
     def _webhook(self, row: PredictionRow, event: WebhookEvent, *, terminal: bool = False) -> None:
         if not row.webhook or event not in row.webhook_events_filter:
             return
-        body = _json(prediction_body(row, self.config.base_url(row.base_url)))
+        body = _json(self._body(row))
         self.webhooks.send(row.id, row.owner, row.webhook, event, body, terminal=terminal)
 
-    @staticmethod
-    def _readable(path: Any) -> bool:
+    def _stored(self, key: str) -> bool:
         try:
-            return path.is_file()
-        except OSError:
+            return self.storage.stat(key) is not None
+        except OSError as exc:
+            log.error("could not check %s in %s (%s)", key, self.storage.describe(), exc)
             return False
+
+    def _body(self, row: PredictionRow) -> dict[str, Any]:
+        base = self.config.base_url(row.base_url)
+        return prediction_body(row, base, self.links.url(row, base))
 
     def _progress_body(self, prediction_id: str) -> str | None:
         row = self.store.prediction(prediction_id)
         if row is None or row.status in TERMINAL:
             return None
-        return _json(prediction_body(row, self.config.base_url(row.base_url)))
+        return _json(self._body(row))
 
 
 def _json(body: dict[str, Any]) -> str:

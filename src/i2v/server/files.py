@@ -1,4 +1,5 @@
-"""The Files API's storage: uploads streamed to disk with their checksums, resolved back for predictions."""
+"""The Files API: uploads streamed to a staged file with their checksums, then put into the storage (the
+data folder or a bucket); read back for predictions, deleted with their rows."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import hashlib
 import re
 import secrets
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, BinaryIO
 
+from .storage import Storage, file_key, staged
 from .store import FileRow, StorageError, Store, utcnow
 
 MAX_FILE_BYTES = 100 * 1024 * 1024
@@ -30,36 +31,36 @@ def new_id() -> str:
 
 
 class Files:
-    def __init__(self, store: Store, folder: Path, retention: float | None) -> None:
-        self.store, self.folder, self.retention = store, folder, retention
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, store: Store, storage: Storage, retention: float | None) -> None:
+        self.store, self.storage, self.retention = store, storage, retention
 
-    def path(self, file_id: str) -> Path:
-        if not _ID.fullmatch(file_id):  # ids are ours; anything else never becomes a path
+    @staticmethod
+    def key(file_id: str) -> str:
+        if not _ID.fullmatch(file_id):  # ids are ours; anything else never becomes a key
             raise ValueError(f"not a file id: {file_id!r}")
-        return self.folder / file_id
+        return file_key(file_id)
+
+    def read(self, file_id: str) -> bytes:
+        return self.storage.read(self.key(file_id))
 
     def save(
         self, stream: BinaryIO, name: str, content_type: str, metadata: dict[str, Any], owner: str = ""
     ) -> FileRow:
         file_id = new_id()
         sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
-        partial = self.folder / f".{file_id}.part"
-        try:
-            with partial.open("wb") as out:
-                while chunk := stream.read(CHUNK):
-                    size += len(chunk)
-                    if size > MAX_FILE_BYTES:
-                        raise FileTooLarge(f"files are limited to {MAX_FILE_BYTES // 2**20} MB")
-                    sha256.update(chunk)
-                    md5.update(chunk)
-                    out.write(chunk)
-            partial.rename(self.path(file_id))
-        except OSError as exc:  # full, read-only: the upload is refused (507), nothing is kept
-            raise StorageError(f"the server could not store the file ({exc.strerror})") from None
-        finally:
-            with contextlib.suppress(OSError):  # else removed at the next start
-                partial.unlink(missing_ok=True)
+        with staged(self.storage, file_id) as partial:
+            try:
+                with partial.open("wb") as out:
+                    while chunk := stream.read(CHUNK):
+                        size += len(chunk)
+                        if size > MAX_FILE_BYTES:
+                            raise FileTooLarge(f"files are limited to {MAX_FILE_BYTES // 2**20} MB")
+                        sha256.update(chunk)
+                        md5.update(chunk)
+                        out.write(chunk)
+            except OSError as exc:  # full, read-only: the upload is refused (507), nothing is kept
+                raise StorageError(f"the server could not store the file ({exc.strerror})") from None
+            self.storage.put_file(self.key(file_id), partial, content_type)
         now = utcnow()
         row = FileRow(
             id=file_id,
@@ -76,12 +77,15 @@ class Files:
         try:
             self.store.add(row)
         except StorageError:
-            self.path(file_id).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.storage.delete(self.key(file_id))
             raise
         return row
 
     def delete(self, file_id: str, owner: str | None = None) -> bool:
-        if not self.store.delete_file(file_id, owner):
+        """The bytes go first, then the row: a storage that refuses (StorageError) leaves the file as it was,
+        for the retention sweep to try again, never an object that no row names."""
+        if self.store.file(file_id, owner) is None:
             return False
-        self.path(file_id).unlink(missing_ok=True)
-        return True
+        self.storage.delete(self.key(file_id))
+        return self.store.delete_file(file_id, owner)

@@ -16,6 +16,7 @@ from .config import ServerConfig
 from .files import Files
 from .runner import Runner, RunnerState
 from .states import QUEUED, TERMINAL
+from .storage import Storage, output_key, poster_key
 from .store import PredictionRow, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,12 @@ class Metrics:
 
 
 class Retention:
-    """Deletes outputs, inputs and uploads older than `I2V_RETENTION`; the records stay (`data_removed`)."""
+    """Deletes outputs (mp4 and poster), inputs and uploads older than `I2V_RETENTION`, in the storage
+    (files or bucket objects) and then in the rows: the prediction's record stays (`data_removed`). What
+    the storage refuses now stays as it was and is tried again at the next sweep."""
 
-    def __init__(self, config: ServerConfig, store: Store, files: Files) -> None:
-        self.config, self.store, self.files = config, store, files
+    def __init__(self, config: ServerConfig, store: Store, files: Files, storage: Storage) -> None:
+        self.config, self.store, self.files, self.storage = config, store, files, storage
 
     def run(self, stopping: threading.Event) -> None:
         period = max(1.0, min(60.0, (self.config.retention or 60) / 4))
@@ -103,10 +106,18 @@ class Retention:
             return
         cutoff = now - timedelta(seconds=self.config.retention)
         for row in self.store.expired_predictions(cutoff):
-            self.config.output_path(row.id).unlink(missing_ok=True)
+            try:
+                for key in (output_key(row.id), poster_key(row.id)):
+                    self.storage.delete(key)
+            except OSError as exc:
+                log.warning("retention: the output of %s could not be deleted yet (%s)", row.id, exc)
+                continue
             kept = {
                 k: (None if isinstance(v, str) and v.startswith("data:") else v) for k, v in row.input.items()
             }
             self.store.transition(row.id, TERMINAL, output=None, data_removed=True, input=kept)
         for file in self.store.expired_files(now):
-            self.files.delete(file.id)
+            try:
+                self.files.delete(file.id)
+            except OSError as exc:
+                log.warning("retention: file %s could not be deleted yet (%s)", file.id, exc)

@@ -120,12 +120,12 @@ class Intake:
         if stored.size > MAX_IMAGE_BYTES:
             raise too_large(field)
         try:
-            return self.files.path(file_id).read_bytes()
-        except OSError:
+            return self.files.read(file_id)  # a storage that cannot be reached: StorageError, 507
+        except FileNotFoundError:
             raise InputError(field, f"uploaded file {file_id} does not exist (deleted or expired)") from None
 
     def own_file_id(self, url: str, bases: tuple[str, ...]) -> str | None:
-        """The file id when `url` is one of our Files API URLs (we read those from disk, not over HTTP)."""
+        """The file id when `url` is one of our Files API URLs (read from the storage, not over HTTP)."""
         for base in {*bases, self.config.public_url}:
             if base and url.startswith(base + "/"):
                 match = _OWN_FILE.match(url[len(base) :].split("?", 1)[0])

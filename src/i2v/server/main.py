@@ -35,11 +35,13 @@ def serve(
         config = ServerConfig.from_env(host=host, port=port, model=model, data_dir=data_dir, no_auth=no_auth)
         Settings()  # the engine's settings too (the workers read them): a bad one stops the start here
         # SQLite mode: one server per data dir (held until this process ends, however it ends). On
-        # PostgreSQL several servers share the database, and so the data dir's files too.
+        # PostgreSQL several servers share the database, and so the data dir's files too, unless those are
+        # in a bucket (I2V_STORAGE_URL): then each server's data dir holds only its own staging files.
         lock = None if config.shared_database else DataDirLock(config.data_dir)
         store = Store(config.store_url)  # the schema upgraded here; an unreachable database stops us
-        if store.shared:
+        if store.shared and not config.storage_url:
             check_shared_data_dir(store, config.data_dir)
+        config.storage().check()  # a bucket that is missing or refuses these credentials stops the start
     except I2VError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

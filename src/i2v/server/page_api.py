@@ -8,9 +8,6 @@ poster is only its owner's, like the mp4 it comes from.
 from __future__ import annotations
 
 import statistics
-import threading
-from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -18,51 +15,24 @@ from fastapi.responses import Response
 
 from ..progress import STAGES, parse_stage_times
 from ..request import Mode, RequestPreset
-from ..video import poster_jpeg
 from .deps import Owner, ServiceDep
 from .schemas import Estimate, StageShare
 from .store import PredictionRow
 
 SCANNED = 200  # newest succeeded predictions looked at for an estimate
 SAMPLE = 20  # of those, the most recent similar ones it is made from
-POSTERS_KEPT = (
-    256  # posters kept in memory (about 30 KB each); none on disk, so retention removes nothing twice
-)
 
 router = APIRouter()
 
 
-class _Posters:
-    """Posters by output file (and its modification time), least recently used dropped first."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: Path) -> bytes:
-        key = (str(path), path.stat().st_mtime_ns)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        data = poster_jpeg(path)
-        with self._lock:
-            self._items[key] = data
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return data
-
-
-_posters = _Posters(POSTERS_KEPT)
-
-
 @router.get("/predictions/{prediction_id}/poster.jpg")
 def get_poster(prediction_id: str, service: ServiceDep, caller: Owner) -> Response:
-    """The clip's first frame (JPEG, at most 640 px a side), for thumbnails before the mp4 is fetched."""
-    path = service.output(prediction_id, caller)  # 404 unless the caller's and still there
+    """The clip's first frame (JPEG, at most 640 px a side), for thumbnails before the mp4 is fetched;
+    stored beside the mp4 by its worker."""
     return Response(
-        _posters.get(path), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
+        service.poster(prediction_id, caller),  # 404 unless the caller's and still there
+        media_type="image/jpeg",
+        headers={"Cache-Control": "private, max-age=86400"},
     )
 
 

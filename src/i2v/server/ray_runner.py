@@ -12,8 +12,9 @@ poll rather than a streaming generator because Ray Client (`ray://`) has no stre
 than a `ray.util.queue.Queue` because that queue is one more actor on some node that can die on its own;
 the poll is also how the runner learns at once that an actor is gone.
 
-No file system is shared: a job carries its images as bytes, and the actor sends the mp4 back as bytes
-(`VideoBytes`, just before its `Succeeded`), which the runner writes where the job says.
+No file system is shared: a job carries its images as bytes; the actor writes its mp4 and poster frame to
+a scratch folder of its own and sends them back as bytes (`VideoBytes`, just before its `Succeeded`), which
+the runner puts into the job's storage (the data folder, or S3) on the server's side.
 
 Placement: a watcher looks at the cluster's live nodes every `WATCH_S` and keeps one actor per
 `gpus_per_worker` units of the GPU resource on each, pinned to its node. A node that joins later (the
@@ -69,6 +70,7 @@ from .runner import (
     Succeeded,
     WorkerView,
 )
+from .storage import LocalStorage, poster_key
 from .worker import CancelJob, RunJob, ToWorker, serve, worker_logging
 
 log = logging.getLogger(__name__)
@@ -93,10 +95,12 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class VideoBytes:
-    """The mp4 of a job that succeeded, sent just before its `Succeeded`: the actor's disk is its own."""
+    """The mp4 (and poster frame) of a job that succeeded, sent just before its `Succeeded`: the actor's
+    disk is its own."""
 
     id: str
     mp4: bytes
+    poster: bytes | None = None
 
 
 Outgoing = Event | VideoBytes
@@ -111,31 +115,36 @@ class ActorChannel:
     and back to the server as bytes."""
 
     def __init__(self, scratch: Path) -> None:
-        self._scratch = scratch
+        self._scratch = LocalStorage(scratch)
+        self._scratch.check()  # its folders
         self._inbox: queue.Queue[ToWorker] = queue.Queue()
         self._outbox: queue.Queue[Outgoing] = queue.Queue()
-        self._outputs: dict[str, Path] = {}  # job id -> its scratch file
+        self._outputs: dict[str, str] = {}  # job id -> its mp4's key in the scratch storage
 
     def put(self, message: ToWorker) -> None:
         if isinstance(message, RunJob):
-            output = self._scratch / f"{message.job.id}.mp4"
-            self._outputs[message.job.id] = output
-            message = RunJob(dataclasses.replace(message.job, output=str(output)))
+            self._outputs[message.job.id] = message.job.output
+            message = RunJob(dataclasses.replace(message.job, storage=self._scratch))
         self._inbox.put(message)
 
     def recv(self) -> ToWorker:
         return self._inbox.get()
 
     def send(self, event: Event) -> None:
-        if isinstance(event, Succeeded | Failed | Canceled):
-            output = self._outputs.pop(event.id, None)
-            if isinstance(event, Succeeded) and output is not None:
+        if isinstance(event, Succeeded | Failed | Canceled) and (key := self._outputs.pop(event.id, None)):
+            poster = poster_key(event.id)
+            if isinstance(event, Succeeded):
                 try:
-                    self._outbox.put(VideoBytes(event.id, output.read_bytes()))
+                    mp4 = self._scratch.read(key)
+                    has_poster = self._scratch.stat(poster) is not None
+                    self._outbox.put(
+                        VideoBytes(event.id, mp4, self._scratch.read(poster) if has_poster else None)
+                    )
                 except OSError as exc:
                     event = Failed(event.id, f"the worker could not read back the video it wrote: {exc}")
-            if output is not None:
-                output.unlink(missing_ok=True)
+            for written in (key, poster):
+                with contextlib.suppress(OSError):
+                    self._scratch.delete(written)
         self._outbox.put(event)
 
     def take(self, wait: float) -> list[Outgoing]:
@@ -190,13 +199,13 @@ class RayWorker:
         self.capacity: Capacity | None = None  # what it can serve on its budget, once it has said
         self.holds: tuple[str, ...] = ()
         self.where = f"on node {node[:12]}"
-        self._outputs: dict[str, Path] = {}  # job id -> where its mp4 goes on the server's side
-        self._unwritten: dict[str, str] = {}  # job id -> why its mp4 could not be written there
+        self._jobs: dict[str, Job] = {}  # job id -> the job, whose storage its mp4 goes to
+        self._unwritten: dict[str, str] = {}  # job id -> why its mp4 could not be stored
         threading.Thread(target=self._poll, name=f"i2v-ray-worker-{index}", daemon=True).start()
 
     def submit(self, job: Job) -> None:
         self.current = job.id
-        self._outputs[job.id] = Path(job.output)
+        self._jobs[job.id] = job
         self.actor.send.remote(RunJob(job))
 
     def cancel(self, prediction_id: str) -> None:
@@ -218,8 +227,8 @@ class RayWorker:
 
     def _translate(self, item: Outgoing) -> list[Event]:
         match item:
-            case VideoBytes(prediction_id, mp4):
-                self._store(prediction_id, mp4)
+            case VideoBytes(prediction_id, mp4, poster):
+                self._store(prediction_id, mp4, poster)
                 return []
             case StateChanged("READY"):
                 self.state = "READY"
@@ -240,7 +249,7 @@ class RayWorker:
                 event: Event = item
                 if isinstance(item, Succeeded) and (why := self._unwritten.pop(item.id, None)):
                     event = Failed(item.id, why)
-                self._outputs.pop(item.id, None)
+                self._jobs.pop(item.id, None)
                 self.current = None  # free before the event goes out, so the next job is dispatched at once
                 return [event, StateChanged(self.state)]
         return [item]
@@ -256,19 +265,16 @@ class RayWorker:
             holds=self.holds,
         )
 
-    def _store(self, prediction_id: str, mp4: bytes) -> None:
-        """Write a job's mp4 where the server serves it from, complete or not at all."""
-        target = self._outputs.get(prediction_id)
-        if target is None:
+    def _store(self, prediction_id: str, mp4: bytes, poster: bytes | None) -> None:
+        """Put a job's mp4 (its poster frame first) into the job's storage, as a local worker does."""
+        job = self._jobs.get(prediction_id)
+        if job is None:
             return
-        partial = target.with_name(f".{target.name}.partial")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_bytes(mp4)
-            partial.replace(target)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)
+            if poster is not None:
+                job.storage.put_bytes(poster_key(prediction_id), poster, "image/jpeg")
+            job.storage.put_bytes(job.output, mp4, "video/mp4")
+        except OSError as exc:  # StorageError too: the job fails with the storage's reason
             self._unwritten[prediction_id] = f"the server could not store the output video: {exc}"
 
     def _lost(self, exc: BaseException) -> None:

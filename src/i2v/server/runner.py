@@ -6,7 +6,8 @@ holds, which is all the routing and the admission check need.
 Today's runner is a local worker process per GPU (`worker.LocalRunner`); a distributed engine can take its
 place by implementing the same few methods, without touching the HTTP layer. Jobs and events are plain
 dataclasses that pickle as they are, and a job carries everything the model needs (the request and the
-bytes of its images), so no file system is shared with whoever runs it.
+bytes of its images) and where its output goes (a `Storage`, which pickles as its settings), so no file
+system is shared with whoever runs it: the worker puts the mp4 into the storage itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Literal, Protocol
 from ..progress import DownloadProgress
 from ..request import ImageField, KlingRequest, Mode
 from ..speed import RequestPreset
+from .storage import Storage
 
 # DOWNLOADING: setting up, and fetching a model's weights into the HF cache (StateChanged.download says how far).
 RunnerState = Literal["STARTING", "DOWNLOADING", "READY", "BUSY", "SETUP_FAILED"]
@@ -26,12 +28,14 @@ RunnerState = Literal["STARTING", "DOWNLOADING", "READY", "BUSY", "SETUP_FAILED"
 @dataclass(frozen=True)
 class Job:
     """One prediction to run: the validated request, and the bytes of its image inputs as checked at
-    create (the runner fetches nothing). The mp4 is written to `output`."""
+    create (the runner fetches nothing). The mp4 is put into `storage` under the key `output`, its poster
+    frame beside it (`storage.poster_key`), before the job reports `Succeeded`."""
 
     id: str
     request: KlingRequest
     images: dict[ImageField, bytes]
     output: str
+    storage: Storage
 
 
 @dataclass(frozen=True)

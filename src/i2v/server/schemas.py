@@ -155,8 +155,11 @@ def timestamp(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="microseconds") + "Z"
 
 
-def prediction_body(row: PredictionRow, base: str, *, status: Status | None = None) -> dict[str, Any]:
-    """The prediction as the API shows it; `status` overrides the stored one (see Prefer: wait)."""
+def prediction_body(
+    row: PredictionRow, base: str, output_url: str | None, *, status: Status | None = None
+) -> dict[str, Any]:
+    """The prediction as the API shows it, with the output URL `links.OutputLinks` made for it; `status`
+    overrides the stored one (see Prefer: wait)."""
     total = (row.completed_at - row.created_at).total_seconds() if row.completed_at else None
     url = f"{base}/v1/predictions/{row.id}"
     return Prediction(
@@ -164,7 +167,7 @@ def prediction_body(row: PredictionRow, base: str, *, status: Status | None = No
         model=row.model,
         version=row.version,
         input=row.input,
-        output=f"{url}/output.mp4" if row.output and not row.data_removed else None,
+        output=output_url if row.output and not row.data_removed else None,
         logs=row.logs,
         error=row.error,
         status=status or row.status,

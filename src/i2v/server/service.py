@@ -2,8 +2,9 @@
 
 It puts the pieces together and applies the per-token limits; each piece lives in its own module:
 `intake` (what a create must pass), `dispatch` (queue -> runner -> status changes), `housekeeping`
-(metrics, retention), `store`, `files`, `webhooks`, `peers` (the other servers on one database). Nothing
-here imports torch: the model runs behind `Runner`.
+(metrics, retention), `store` (the rows), `storage` (the bytes: data folder or bucket), `links` (output
+URLs), `files`, `webhooks`, `peers` (the other servers on one database). Nothing here imports torch: the
+model runs behind `Runner`.
 
 With several servers on one database (PostgreSQL) the service also hears the others (`peers`: a
 prediction that ended, a cancel for one running here, new work) and sweeps every `SWEEP_S` for claims of
@@ -19,11 +20,9 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, Generic, NoReturn, TypeVar
 
 from ..parsing import format_bytes
@@ -36,10 +35,12 @@ from .files import Files, new_id
 from .housekeeping import Metrics, Retention
 from .intake import Checked, Intake
 from .limits import IntakeSlots, Limiter, SlotsBusy, rate_limiter
+from .links import OutputLinks, link_key
 from .peers import link
 from .runner import Runner, WorkerView
 from .schemas import APIError, CreatePrediction, InvalidField, invalid, not_found
 from .states import QUEUED, SUCCEEDED
+from .storage import input_key, output_key, poster_key
 from .store import FileRow, PredictionRow, StorageError, Store, utcnow
 from .webhooks import WebhookSecrets, WebhookSender
 
@@ -66,11 +67,13 @@ class Service:
     def __init__(self, config: ServerConfig, runner: Runner, store: Store | None = None) -> None:
         self.config = config
         self.runner = runner
-        config.outputs_dir.mkdir(parents=True, exist_ok=True)
-        config.inputs_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = config.storage()
+        self.storage.check()
         self.store = store or Store(config.store_url)
         self.peers = link(self.store)
-        self.files = Files(self.store, config.files_dir, config.retention)
+        self.files = Files(self.store, self.storage, config.retention)
+        key = link_key(config.data_dir, config.output_url_secret, self.store)
+        self.links = OutputLinks(config, self.storage, key)
         self.intake = Intake(config, self.store, self.files)
         self.secrets = WebhookSecrets(config.data_dir, config.webhook_secret, self.store)
         self.webhooks = WebhookSender(
@@ -84,8 +87,10 @@ class Service:
         self.intake_slots = IntakeSlots(config.fetches_per_token, config.fetches_total)
         self.bodies = BodyBudget(config.body_memory)
         self.metrics = Metrics(self.store, runner, self.bodies)
-        self.dispatcher = Dispatcher(config, self.store, runner, self.webhooks, self.metrics)
-        self.retention = Retention(config, self.store, self.files)
+        self.dispatcher = Dispatcher(
+            config, self.store, runner, self.webhooks, self.metrics, self.storage, self.links
+        )
+        self.retention = Retention(config, self.store, self.files, self.storage)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -170,25 +175,20 @@ class Service:
         self.store.close()
 
     def _remove_orphans(self, min_age: float) -> None:
-        """Files a killed server left behind: inputs of predictions no longer waiting, half-written uploads
+        """What a killed server left behind: inputs of predictions no longer waiting, half-written uploads
         and videos. (A running server removes them as it goes; a SIGKILL leaves them.) With `min_age`, only
         those untouched that long (another server may be writing the younger ones)."""
         waiting = self.store.unfinished_ids()
-        orphans = [
-            path for path in self.config.inputs_dir.iterdir() if path.name.partition(".")[0] not in waiting
-        ]
-        orphans += [p for p in self.config.files_dir.glob(".*.part")]
-        orphans += [p for p in self.config.outputs_dir.glob(".*.partial")]
-        removed = 0
-        now = time.time()
-        for path in orphans:
+        cutoff = datetime.now(UTC) - timedelta(seconds=min_age)
+        removed = self.storage.sweep(min_age)
+        for key, modified in list(self.storage.keys("inputs/")):
+            if key.removeprefix("inputs/").partition(".")[0] in waiting or modified > cutoff:
+                continue
             try:
-                if min_age and now - path.stat().st_mtime < min_age:
-                    continue
-                path.unlink()
+                self.storage.delete(key)
                 removed += 1
-            except OSError as exc:
-                log.warning("could not remove the orphan file %s (%s)", path, exc)
+            except (OSError, ValueError) as exc:
+                log.warning("could not remove the orphan input %s (%s)", key, exc)
         if removed:
             log.warning(
                 "removed %d file(s) left behind by an earlier server (inputs, partial writes)", removed
@@ -321,19 +321,17 @@ class Service:
             cancel_requested=False,
             owner=owner,
         )
-        saved = [self.config.input_path(prediction_id, field) for field in images]  # type: ignore[arg-type]
+        saved: list[str] = []
         try:
-            try:
-                for path, data in zip(saved, images.values(), strict=True):
-                    path.write_bytes(data)
-            except OSError as exc:
-                raise StorageError(f"the server could not store the inputs ({exc.strerror})") from None
+            for field, data in images.items():
+                saved.append(input_key(prediction_id, field))  # type: ignore[arg-type]
+                self.storage.put_bytes(saved[-1], data, "application/octet-stream")  # StorageError: 507
             if not self.store.add_prediction(row, self.config.max_unfinished):
                 self._too_many()
         except BaseException:
-            for path in saved:
+            for key in saved:
                 with contextlib.suppress(OSError):  # else removed at the next start
-                    path.unlink(missing_ok=True)
+                    self.storage.delete(key)
             raise
         self.dispatcher.kick()
         return row
@@ -370,13 +368,42 @@ class Service:
             raise not_found(f"prediction {prediction_id}")
         return row
 
-    def output(self, prediction_id: str, owner: str) -> Path:
-        """The mp4 of one of the owner's predictions (404 while there is none, or once it was removed)."""
+    def output(self, prediction_id: str, owner: str) -> str:
+        """The storage key of the mp4 of one of the owner's predictions (404 while there is none, or once
+        it was removed)."""
         row = self.get(prediction_id, owner)
-        path = self.config.output_path(row.id)
-        if not row.output or row.data_removed or not path.is_file():
+        if not row.output or row.data_removed:
             raise not_found(f"output of prediction {prediction_id}")
-        return path
+        return output_key(row.id)
+
+    def signed_output(self, name: str, expires: str | None, signature: str | None) -> tuple[str, int]:
+        """The storage key a signed output link names, once the link checks out (403 saying why, if not),
+        and the seconds the link has left."""
+        key = output_key(self.links.verify(name, expires, signature))
+        return key, self.links.remaining(expires or "0")
+
+    def output_url(self, row: PredictionRow, base: str) -> str | None:
+        return self.links.url(row, base)
+
+    def poster(self, prediction_id: str, owner: str) -> bytes:
+        """The JPEG poster of one of the owner's outputs, as its worker stored it. An output from before
+        posters were stored gets one made from its file now (kept for next time)."""
+        mp4_key = self.output(prediction_id, owner)  # 404 unless the owner's and still there
+        if self.storage.stat(mp4_key) is None:
+            raise not_found(f"output of prediction {prediction_id}")
+        key = poster_key(prediction_id)
+        try:
+            return self.storage.read(key)
+        except FileNotFoundError:
+            mp4 = self.storage.local_path(mp4_key)
+            if mp4 is None or not mp4.is_file():
+                raise not_found(f"poster of prediction {prediction_id}") from None
+        from ..video import poster_jpeg
+
+        data = poster_jpeg(mp4)
+        with contextlib.suppress(OSError):
+            self.storage.put_bytes(key, data, "image/jpeg")
+        return data
 
     def recent_succeeded(self, limit: int) -> list[PredictionRow]:
         """The newest succeeded predictions of every owner, for the page's time estimates (timings only
@@ -399,8 +426,8 @@ class Service:
             raise not_found(f"file {file_id}")
         return row
 
-    def file_path(self, row: FileRow) -> Path:
-        return self.files.path(row.id)
+    def file_key(self, row: FileRow) -> str:
+        return self.files.key(row.id)
 
     def delete_file(self, file_id: str, owner: str) -> None:
         if not self.files.delete(file_id, owner):

@@ -51,7 +51,7 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def _read_or_make(path: Path, make: Callable[[], str]) -> str:
+def read_or_make_secret(path: Path, make: Callable[[], str]) -> str:
     """A secret kept in the data dir: read, or made on first start (owner-only)."""
     if path.is_file():
         return path.read_text().strip()
@@ -90,7 +90,7 @@ class WebhookSecrets:
                     lambda: kept.read_text().strip() if kept.is_file() else secrets.token_hex(32),
                 )
             else:
-                key = _read_or_make(kept, lambda: secrets.token_hex(32))
+                key = read_or_make_secret(kept, lambda: secrets.token_hex(32))
             self._key = bytes.fromhex(key)
 
     def for_owner(self, owner: str) -> str:

@@ -5,6 +5,9 @@ pipe, in typed messages that pickle as they are: the server sends `RunJob`, `Can
 the worker answers with the runner's events (`Started`, `Log`, `Succeeded`, ..., `StateChanged`).
 If the server dies, the pipe closes and the worker exits at once, so no orphan keeps the GPU busy.
 
+A job's mp4 is written to a local staging file, then put into the job's storage (the data folder or a
+bucket) with its poster frame; the server shares no disk with the worker.
+
 At start-up a worker pulls and loads the models of its preload modes (`I2V_PRELOAD`) before it reports
 READY; while weights download it reports DOWNLOADING with the bytes (`StateChanged.download`).
 """
@@ -24,6 +27,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..devices import GROUP_SEPARATOR, WorkerSpec
@@ -48,6 +52,7 @@ from .runner import (
     Succeeded,
     WorkerView,
 )
+from .storage import poster_key, staged
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -453,10 +458,11 @@ def _run_job(
                 percent[0] = 100 * (progress.step or 0) // progress.total
             send(Log(job.id, progress_line(progress.stage, progress.step, progress.total)))
 
-        with engine_log_to(job.id, send):
+        with engine_log_to(job.id, send), staged(job.storage, f"{job.id}.mp4") as path:
             result = engine.generate(
-                job.request, job.output, on_progress=on_progress, cancel=cancel, images=job.images
+                job.request, path, on_progress=on_progress, cancel=cancel, images=job.images
             )
+            store_output(job, path)
         send(Log(job.id, format_stage_times(stages.finish())))
     except errors.Canceled:
         send(Canceled(job.id))
@@ -489,6 +495,20 @@ def _run_job(
             fps=result.fps,
         )
         send(Succeeded(job.id, time.perf_counter() - clock, info))
+
+
+def store_output(job: Job, path: Path) -> None:
+    """Put the mp4 at `path` (and its poster frame, first) into the job's storage; a storage that refuses
+    fails the job with its reason (StorageError is an I2VError)."""
+    from ..video import poster_jpeg
+
+    try:
+        poster = poster_jpeg(path)
+    except Exception as exc:  # a nicety: the clip stands without it (the page shows the start image)
+        log.warning("prediction %s: no poster frame (%s)", job.id, exc)
+    else:
+        job.storage.put_bytes(poster_key(job.id), poster, "image/jpeg")
+    job.storage.put_file(job.output, path, "video/mp4")
 
 
 class _PredictionLog(logging.Handler):

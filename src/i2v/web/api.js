@@ -78,6 +78,15 @@ export async function api(path, { method = "GET", json, form: body, token: given
   return data;
 }
 
+/** One of this server's URLs (it starts with the API's base, as the prediction's own URL shows it), reached
+ * through the page's origin like localUrl; another's (a bucket's presigned URL) as it is. */
+export function sameServerUrl(url, apiBase) {
+  return url.startsWith(`${apiBase}/`) ? new URL(url.slice(apiBase.length + 1), document.baseURI).href : url;
+}
+
+/** An output URL behind the API token (I2V_OUTPUT_URLS=token) rather than a signed link that needs none. */
+export const behindToken = (url) => /\/v1\/predictions\/[^/]+\/output\.mp4$/.test(new URL(url, document.baseURI).pathname);
+
 /** A file behind the token as an object URL (a <video> or <img> cannot send the header itself). */
 export async function fetchBlobUrl(url) {
   if (!token()) return localUrl(url);

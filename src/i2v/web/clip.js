@@ -1,10 +1,10 @@
 // The clip panel: one prediction at a time, from its heading (prompt, id, thumbnail) to its output, seed,
 // logs and API view. Everything in it is replaced when another prediction is shown.
 
-import { api, fetchBlobUrl, localUrl } from "./api.js";
+import { api, behindToken, fetchBlobUrl, localUrl, sameServerUrl } from "./api.js";
 import { poster } from "./history.js";
 import { STATE_LABEL, TERMINAL, capitalize, formatDuration, overall, parseLogs, seedOf, usually } from "./progress.js";
-import { curlSnippet, jsSnippet, pythonSnippet } from "./snippets.js";
+import { baseOf, curlSnippet, jsSnippet, pythonSnippet } from "./snippets.js";
 
 const $ = (id) => document.getElementById(id);
 const QUEUE_POLL_MS = 3000;
@@ -91,6 +91,7 @@ export class ClipView {
 
   clearOutput() {
     const video = $("clip-video");
+    video.onerror = null;
     video.pause();
     video.removeAttribute("src");
     video.load();
@@ -280,7 +281,7 @@ export class ClipView {
       return;
     }
     $("clip-video").hidden = false;
-    $("clip-url").textContent = pred.output; // the real output URL (it needs the token, like the API)
+    $("clip-url").textContent = pred.output; // the real output URL, as the API gave it
     poster({ ...pred, status: "succeeded" })?.then((src) => {
       if (this.current !== job) return;
       $("clip-video").poster = src;
@@ -288,13 +289,15 @@ export class ClipView {
       $("clip-thumb").hidden = false;
     }, () => {});
     $("clip-meta").textContent = "Loading the clip…";
-    let src;
-    try {
-      // A <video> cannot send the token, so with one the whole mp4 is fetched first (signed URLs will fix it).
-      src = await fetchBlobUrl(pred.output);
-    } catch (err) {
-      if (this.current === job) $("clip-meta").textContent = `Could not load the clip: ${err.message}`;
-      return;
+    let src = sameServerUrl(pred.output, baseOf(pred)); // a signed link: the player streams it (ranges)
+    if (behindToken(pred.output)) {
+      try {
+        // A <video> cannot send the token, so a URL behind it is fetched whole first (I2V_OUTPUT_URLS=token).
+        src = await fetchBlobUrl(pred.output);
+      } catch (err) {
+        if (this.current === job) $("clip-meta").textContent = `Could not load the clip: ${err.message}`;
+        return;
+      }
     }
     if (this.current !== job) {
       if (src.startsWith("blob:")) URL.revokeObjectURL(src);
@@ -306,6 +309,9 @@ export class ClipView {
     link.href = src;
     link.download = `i2v-${pred.id}.mp4`;
     const video = $("clip-video");
+    video.onerror = () => {
+      if (this.current === job) $("clip-meta").textContent = "Could not load the clip (the link may have expired: reload the page for a fresh one).";
+    };
     video.onloadedmetadata = () => {
       const parts = [`${video.videoWidth} × ${video.videoHeight}`, `${video.duration.toFixed(1)} s`];
       if (seed) parts.push(`seed ${seed}`);

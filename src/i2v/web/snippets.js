@@ -1,7 +1,7 @@
 // The API view: the inputs of a prediction as curl, Python and JavaScript, ready to paste. Each makes the same
 // clip (the seed used is filled in) on this server, with Replicate's own clients and one changed base URL.
 
-import { MODEL } from "./api.js";
+import { MODEL, behindToken } from "./api.js";
 
 // Replicate's inputs in the order its schema gives them; the rest after.
 const ORDER = ["mode", "duration", "prompt", "end_image", "start_image", "negative_prompt", "seed", "audio", "preset"];
@@ -62,12 +62,15 @@ export function curlSnippet(pred, seed) {
   ].join("\n");
 }
 
+// Outputs are signed links that need no token (and a bucket's presigned URL refuses one); a server set to
+// I2V_OUTPUT_URLS=token keeps them behind it. Until the output is there, assume it may be.
+const outputNeedsToken = (pred) => !pred.output || behindToken(pred.output);
+
 export function pythonSnippet(pred, seed) {
   const fields = snippetInput(pred, seed).map(([k, v]) => `        ${JSON.stringify(k)}: ${pythonValue(k, v)},`);
   return [
     "# pip install replicate",
-    "import os",
-    "",
+    ...(outputNeedsToken(pred) ? ["import os", ""] : []),
     "import httpx",
     "import replicate",
     "",
@@ -79,9 +82,13 @@ export function pythonSnippet(pred, seed) {
     "    },",
     "    use_file_output=False,",
     ")",
-    "# The clip is behind the same token as the API.",
-    'token = os.environ["REPLICATE_API_TOKEN"]',
-    'clip = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=300)',
+    ...(outputNeedsToken(pred)
+      ? [
+          "# With the token: this server may keep outputs behind it (I2V_OUTPUT_URLS=token).",
+          'token = os.environ["REPLICATE_API_TOKEN"]',
+          'clip = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=300)',
+        ]
+      : ["# A signed link, like Replicate's outputs: no token needed.", "clip = httpx.get(url, timeout=300)"]),
     'with open("output.mp4", "wb") as file:',
     "    file.write(clip.raise_for_status().content)",
   ].join("\n");
@@ -100,8 +107,12 @@ export function jsSnippet(pred, seed) {
     ...fields,
     "  },",
     "});",
-    "// The clip is behind the same token as the API.",
-    "const clip = await fetch(url, { headers: { Authorization: `Bearer ${process.env.REPLICATE_API_TOKEN}` } });",
+    ...(outputNeedsToken(pred)
+      ? [
+          "// With the token: this server may keep outputs behind it (I2V_OUTPUT_URLS=token).",
+          "const clip = await fetch(url, { headers: { Authorization: `Bearer ${process.env.REPLICATE_API_TOKEN}` } });",
+        ]
+      : ["// A signed link, like Replicate's outputs: no token needed.", "const clip = await fetch(url);"]),
     'if (!clip.ok) throw new Error(`HTTP ${clip.status}`);',
     'await writeFile("output.mp4", Buffer.from(await clip.arrayBuffer()));',
   ].join("\n");
