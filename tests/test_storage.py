@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import replicate
-from conftest import probe
+from conftest import make_image, probe
 from fastapi.testclient import TestClient
 from hardening import FAULT_ENV
 from replicate.helpers import FileOutput
@@ -489,3 +489,41 @@ def test_the_served_link_refuses_tampering_and_expiry_and_streams_ranges(served:
         assert expired.status_code == 403 and "expired at 2020-09-13T12:26:40Z" in expired.json()["detail"]
         assert http.get(base).status_code == 403
         assert http.get(f"{served.url}/outputs/..%2Fi2v.db?{urlsplit(url).query}").status_code == 404
+
+
+# ---------- several servers on one database, each with its own data dir, sharing only the bucket
+
+
+def test_servers_on_one_database_need_no_shared_data_dir_with_s3(tmp_path, moto, postgres, _cache_dir):
+    """Each server's data dir is its own (on a shared data dir check they would refuse to start): an upload
+    on A is an input on B, an output made on either is served by the other at the same signed link."""
+    storage = S3Storage(moto.new_bucket(), PREFIX, moto.endpoint)
+    env = {
+        **AWS_ENV,
+        **FAULT_ENV,
+        "I2V_DATABASE_URL": postgres.new_database(),
+        "I2V_STORAGE_URL": f"s3://{storage.bucket}/{PREFIX}",
+        "I2V_S3_ENDPOINT_URL": moto.endpoint,
+        "I2V_PUBLIC_URL": "http://video.example.com",  # the load balancer's: both servers answer for it
+    }
+    servers = [ServerProcess(tmp_path / f"data-{n}", env=env, model="fault-injection") for n in (0, 1)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        a, b = (server.http() for server in servers)
+        with a, b:
+            upload = a.post("/v1/files", files={"content": ("s.png", make_image(400, 400), "image/png")})
+            assert upload.status_code == 201, upload.text
+            body = {"input": {"prompt": "x", "start_image": upload.json()["urls"]["get"]}}
+            made = b.post(PREDICTIONS, json=body, headers={"prefer": "wait=60"}).json()
+            assert made["status"] == "succeeded", made  # the upload read from the bucket, wherever it ran
+            link = made["output"].split("/outputs/")[1]
+            assert a.get(f"/v1/predictions/{made['id']}").json()["output"].split("/outputs/")[1] == link
+            for server in servers:  # the same link, served by either
+                video = httpx.get(f"{server.base}/outputs/{link}")
+                assert video.status_code == 200 and video.content == storage.read(output_key(made["id"]))
+        for server in servers:
+            assert not list((server.data_dir / "outputs").glob("*")), "no bytes in a data dir"
+    finally:
+        for server in servers:
+            server.stop()
