@@ -38,7 +38,7 @@ from .webhooks import read_or_make_secret
 
 DEFAULT_LIFETIME_S = 7 * 24 * 3600  # without a lifetime or a retention period (S3's longest presign)
 SIGNED_ROUTE = "/outputs"
-_NAME = re.compile(r"([a-z0-9]{1,40})\.mp4")
+_NAME = re.compile(r"([a-z0-9][a-z0-9_-]{0,80})\.mp4")  # any id a storage key may hold (storage._KEY)
 KEY_FILE = "output_url_key"
 
 
