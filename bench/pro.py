@@ -39,7 +39,7 @@ from PIL import Image
 
 from bench import fullsize
 from bench.gpu import NEGATIVE, PROMPT, SEED, peak_gib, planned_peak_gib, reset_peak
-from bench.report import machine, show_logs, write_report
+from bench.report import machine, max_abs_diff, show_logs, write_report
 from i2v.backends.base import ModelInputs
 from i2v.backends.ltx2 import _NO_GUIDANCE, LTX2, STAGE2_ADAPTER
 from i2v.geometry import fit_image
@@ -248,9 +248,7 @@ def run(size: str, steps: int, frames: int | None, device: torch.device, out: Pa
         report |= {f"{side}_{key}": value for key, value in figures.items()}
     for key in ("stage1_s_per_step", "refine_s_per_step", "decode_s", "end_to_end_s"):
         report[f"ratio_ours_over_stock_{key}"] = ours[key] / stock[key] if stock[key] else None
-    report["frames_max_abs_diff"] = float(
-        np.abs(np.asarray(our_frames, np.float32) - np.asarray(stock_frames, np.float32)).max()
-    )
+    report["frames_max_abs_diff"] = max_abs_diff(our_frames, stock_frames)
     write_report(report, out, f"pro-{size}")
     return report
 

@@ -6,11 +6,17 @@ import json
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def max_abs_diff(ours: np.ndarray, stock: np.ndarray) -> float:
+    """The largest difference between two clips' frames (reported beside the timings, never asserted)."""
+    return float(np.abs(np.asarray(ours, np.float32) - np.asarray(stock, np.float32)).max())
 
 
 def write_report(report: dict[str, object], out: Path, name: str) -> None:

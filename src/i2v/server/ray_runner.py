@@ -136,16 +136,20 @@ class ActorChannel:
             if isinstance(event, Succeeded):
                 try:
                     mp4 = self._scratch.read(key)
-                    has_poster = self._scratch.stat(poster) is not None
-                    self._outbox.put(
-                        VideoBytes(event.id, mp4, self._scratch.read(poster) if has_poster else None)
-                    )
+                    self._outbox.put(VideoBytes(event.id, mp4, self._optional(poster)))
                 except OSError as exc:
                     event = Failed(event.id, f"the worker could not read back the video it wrote: {exc}")
             for written in (key, poster):
                 with contextlib.suppress(OSError):
                     self._scratch.delete(written)
         self._outbox.put(event)
+
+    def _optional(self, key: str) -> bytes | None:
+        """A scratch file the worker may not have written (no poster when it could not read its own clip)."""
+        try:
+            return self._scratch.read(key)
+        except FileNotFoundError:
+            return None
 
     def take(self, wait: float) -> list[Outgoing]:
         """What the worker has sent since the last call, waiting up to `wait` seconds for the first."""
