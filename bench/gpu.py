@@ -58,6 +58,19 @@ OUTPUT_SIZE = {"wan2.2-ti2v-5b": (1280, 720)}
 PROMPT = "waves roll in under a bright sun"
 NEGATIVE = "blurry, low quality"
 SEED = 11
+EXAMPLE = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
+
+
+def example_inputs(spec: BackendSpec, width: int, height: int, frames: int | None, steps: int) -> ModelInputs:
+    """The benchmarks' request in the model's terms: the example image fitted to its grid, a fixed seed,
+    `frames` (default 5 s) and `steps`."""
+    image = fit_image(Image.open(EXAMPLE).convert("RGB"), (width, height))
+    return ModelInputs(
+        prompt=PROMPT, negative_prompt=NEGATIVE, image=image, end_image=None, width=width, height=height,
+        model_frames=frames or spec.frames_for(5), seed=SEED, steps=steps,
+    )  # fmt: skip
+
+
 TEXT_TOKENS = 512  # Wan pads every prompt to 512 tokens
 
 
@@ -237,11 +250,7 @@ def run(
             spec, pipe = cls.tiny_spec(folder / "tiny"), fullsize.wan_ti2v_tiny(folder / "tiny", device)
         backend = cls(spec, device, speed or Speed())
         width, height = backend.model_size(output)
-        example = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
-        inputs = ModelInputs(
-            prompt=PROMPT, negative_prompt=NEGATIVE, image=fit_image(Image.open(example).convert("RGB"), (width, height)),
-            end_image=None, width=width, height=height, model_frames=frames or spec.frames_for(5), seed=SEED, steps=steps,
-        )  # fmt: skip
+        inputs = example_inputs(spec, width, height, frames, steps)
         # Both sides sample on Wan's own schedule (what `prepare` sets), so only the speed-ups differ.
         pipe.scheduler = wan_scheduler(pipe.scheduler.config, spec.shift or 1.0)
         with torch.inference_mode():

@@ -25,26 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from bench import fullsize
 from bench.gpu import (
     BF16_MARK_TFLOPS,
-    NEGATIVE,
     OUTPUT_SIZE,
-    PROMPT,
-    SEED,
     TEXT_TOKENS,
+    example_inputs,
     run_ours,
     timed_mp4,
     transformer_flops_per_forward,
     wan_tokens,
 )
 from bench.report import machine, show_logs, write_report
-from i2v.backends.base import ModelInputs
 from i2v.backends.fastwan import FastWanTI2V
 from i2v.backends.wan_ti2v import WanTI2V
-from i2v.geometry import fit_image
 from i2v.speed import Speed
 
 LOW_VRAM_LIMIT_GIB = 22.0
@@ -70,11 +65,7 @@ def run(
         build_s = time.perf_counter() - build
         backend = cls(spec, device, speed)
         width, height = backend.model_size(output)
-        example = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
-        inputs = ModelInputs(
-            prompt=PROMPT, negative_prompt=NEGATIVE, image=fit_image(Image.open(example).convert("RGB"), (width, height)),
-            end_image=None, width=width, height=height, model_frames=frames or spec.frames_for(5), seed=SEED, steps=steps,
-        )  # fmt: skip
+        inputs = example_inputs(spec, width, height, frames, steps)
         with torch.inference_mode():
             figures, clip_frames = run_ours(backend, pipe, inputs, device)
         if preset == "turbo":

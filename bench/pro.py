@@ -35,14 +35,12 @@ import torch
 from diffusers import LTX2ConditionPipeline, LTX2LatentUpsamplePipeline
 from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
-from PIL import Image
 
 from bench import fullsize
-from bench.gpu import NEGATIVE, PROMPT, SEED, peak_gib, planned_peak_gib, reset_peak
+from bench.gpu import example_inputs, peak_gib, planned_peak_gib, reset_peak
 from bench.report import machine, max_abs_diff, show_logs, write_report
 from i2v.backends.base import ModelInputs
 from i2v.backends.ltx2 import _NO_GUIDANCE, LTX2, STAGE2_ADAPTER
-from i2v.geometry import fit_image
 
 OUTPUT = (1920, 1080)
 
@@ -215,11 +213,7 @@ def run(size: str, steps: int, frames: int | None, device: torch.device, out: Pa
         build_s = time.perf_counter() - build
         backend = LTX2(spec, device)
         width, height = backend.model_size(OUTPUT)
-        example = Path(__file__).resolve().parents[1] / "src" / "i2v" / "assets" / "example.jpg"
-        inputs = ModelInputs(
-            prompt=PROMPT, negative_prompt=NEGATIVE, image=fit_image(Image.open(example).convert("RGB"), (width, height)),
-            end_image=None, width=width, height=height, model_frames=frames or spec.frames_for(5), seed=SEED, steps=steps,
-        )  # fmt: skip
+        inputs = example_inputs(spec, width, height, frames, steps)
         with torch.inference_mode():
             stock, stock_frames = run_stock(pipe, upsampler, inputs, device)
             ours, our_frames = run_ours(backend, pipe, upsampler, inputs, device)
