@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -25,6 +26,7 @@ import psutil
 GPU_RESOURCE = "i2v_gpu"  # stands for a GPU: I2V_RAY_GPU_RESOURCE in the servers of these tests
 OBJECT_STORE_BYTES = 80 * 2**20  # Ray's smallest is 75 MiB
 STARTED = "Ray runtime started."
+WHERE = re.compile(r"running on the Ray worker at \S+ \(pid (\d+)\)")  # a prediction's log line
 # Ray's own knobs, for the head. A node that stops answering is declared dead in about two seconds rather
 # than half a minute, so a node killed mid-clip is out of the cluster before the next test starts. Ray
 # Client's proxy gives up on a session server that did not start after 10 s rather than 30: one sometimes
@@ -42,6 +44,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def worker_pids(body: dict) -> list[int]:
+    """The worker processes a prediction ran on, in order (each start logs where it runs)."""
+    return [int(pid) for pid in WHERE.findall(body["logs"] or "")]
 
 
 def ray_command() -> str:
@@ -174,6 +181,15 @@ class RayCluster:
                 json.dumps({resource: gpus}),
             ],
         )
+
+    def server_env(self, address: str | None = None, resource: str = GPU_RESOURCE) -> dict[str, str]:
+        """What an `i2v serve` needs to run its workers on this cluster (its head's address by default)."""
+        return {
+            "I2V_RUNNER": "ray",
+            "I2V_RAY_ADDRESS": address or self.address,
+            "I2V_RAY_GPU_RESOURCE": resource,
+            **self.driver_env,
+        }
 
     def node_of(self, pid: int) -> RayNode:
         """The node one of whose processes has this pid."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,23 @@ class ServerProcess:
                     return body
                 time.sleep(0.3)
         raise TimeoutError(f"{prediction_id} still {body['status']} after {timeout} s:\n{self.log_tail()}")
+
+    def wait_until(
+        self, prediction_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 120
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.http() as http:
+            while True:
+                body = http.get(f"/v1/predictions/{prediction_id}").json()
+                if done(body):
+                    return body
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{prediction_id}: {body}\n{self.log_tail()}")
+                time.sleep(0.2)
+
+    def wait_for_log(self, prediction_id: str, needle: str, count: int = 1) -> dict[str, Any]:
+        """The prediction once its logs hold `needle` `count` times (its whole logs, which only grow)."""
+        return self.wait_until(prediction_id, lambda body: (body["logs"] or "").count(needle) >= count)
 
     def kill(self) -> None:
         self.process.kill()

@@ -13,14 +13,12 @@ import importlib.util
 import os
 import re
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import make_image, probe
 from hardening import FAULT_ENV
-from raycluster import GPU_RESOURCE, RayCluster
+from raycluster import GPU_RESOURCE, WHERE, RayCluster, worker_pids
 from serverproc import MODEL, ServerProcess, data_uri
 
 from i2v.geometry import output_size
@@ -30,7 +28,6 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 # Read by the workers (from their node's environment) and by the server's start-up check alike.
 MODELS = {"I2V_MODEL_STANDARD": "tiny-wan2.2-ti2v-5b", "I2V_MODEL_PRO": "fault-injection"}
-WHERE = re.compile(r"running on the Ray worker at \S+ \(pid (\d+)\)")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path):
 def ray_server(cluster: RayCluster, data_dir: Path, address: str, resource: str, **env: str) -> ServerProcess:
     """`i2v serve` with its workers on the cluster; each loads a mode's model on first use (`I2V_PRELOAD`),
     so the nodes that join in these tests are ready at once."""
-    ray_env = {"I2V_RUNNER": "ray", "I2V_RAY_ADDRESS": address, "I2V_RAY_GPU_RESOURCE": resource}
-    env = {**FAULT_ENV, **MODELS, **cluster.driver_env, **ray_env, "I2V_PRELOAD": "none", **env}
+    env = {**FAULT_ENV, **MODELS, **cluster.server_env(address, resource), "I2V_PRELOAD": "none", **env}
     return ServerProcess(data_dir, env=env, model="default")
 
 
@@ -69,30 +65,6 @@ def create(server: ServerProcess, prompt: str, mode: str = "pro") -> str:
         )
     assert answer.status_code == 201, answer.text
     return answer.json()["id"]
-
-
-def wait_until(
-    server: ServerProcess, prediction_id: str, done: Callable[[dict], bool], timeout: float = 120
-) -> dict:
-    deadline = time.monotonic() + timeout
-    with server.http() as http:
-        while True:
-            body = http.get(f"/v1/predictions/{prediction_id}").json()
-            if done(body):
-                return body
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{prediction_id}: {body}\n{server.log_tail()}")
-            time.sleep(0.2)
-
-
-def wait_for_log(server: ServerProcess, prediction_id: str, needle: str, count: int = 1) -> dict:
-    """The prediction once its logs hold `needle` `count` times (its whole logs, which only grow)."""
-    return wait_until(server, prediction_id, lambda body: (body["logs"] or "").count(needle) >= count)
-
-
-def worker_pids(body: dict) -> list[int]:
-    """The worker processes a prediction ran on, in order (each start logs where it runs)."""
-    return [int(pid) for pid in WHERE.findall(body["logs"] or "")]
 
 
 def test_predictions_run_on_the_cluster_through_the_official_client(server, tmp_path):
@@ -121,7 +93,7 @@ def test_predictions_run_on_the_cluster_through_the_official_client(server, tmp_
 
 def test_cancel_stops_a_clip_on_its_worker_mid_run(server):
     running = create(server, "fault:slow:100000")  # ~6 hours of 0.2 s steps: only a cancel ends it
-    wait_for_log(server, running, "/100000 denoising")  # mid-clip on the worker
+    server.wait_for_log(running, "/100000 denoising")  # mid-clip on the worker
     client = server.client()
     client.predictions.cancel(running)
     canceled = server.wait_for(running, TERMINAL, timeout=60)
@@ -139,13 +111,13 @@ def test_workers_lost_mid_clip_run_it_again_then_fail_it_and_a_new_node_takes_th
     would add one) takes the queue behind it, all without restarting the server."""
     hold = tmp_path / "never"  # never created: the clip holds mid-run until its worker dies
     held = create(server, f"fault:hold={hold}")
-    first = wait_for_log(server, held, "1/2 denoising")
+    first = server.wait_for_log(held, "1/2 denoising")
     queued = create(server, "behind it")
     actor = worker_pids(first)[0]
     node_a = cluster.node_of(actor)
 
     os.kill(actor, signal.SIGKILL)
-    second = wait_for_log(server, held, "1/2 denoising", count=2)
+    second = server.wait_for_log(held, "1/2 denoising", count=2)
     assert "running it again" in second["logs"]  # the dispatcher's line: back to the queue's front
     again = worker_pids(second)[-1]
     assert again != actor and cluster.node_of(again) is node_a
@@ -162,14 +134,17 @@ def test_workers_lost_mid_clip_run_it_again_then_fail_it_and_a_new_node_takes_th
 
 
 def test_a_server_off_the_cluster_reaches_it_through_ray_client(cluster, tmp_path):
-    """`I2V_RAY_ADDRESS=ray://...`: the server is a Ray Client, as from a machine outside the cluster. Its
-    workers count their GPUs in a resource of their own, so the module's server leaves this node alone."""
+    """`I2V_RAY_ADDRESS=ray://...`: the server is a Ray Client, as from a machine outside the cluster. It is
+    a deployment of its own (its own namespace, so it leads its own placement) whose workers count their GPUs
+    in a resource of their own, so the module's server leaves this node alone."""
     node = cluster.add_node(resource="i2v_gpu_remote")
-    server = ray_server(cluster, tmp_path / "data", cluster.client_address, "i2v_gpu_remote")
+    server = ray_server(
+        cluster, tmp_path / "data", cluster.client_address, "i2v_gpu_remote", I2V_RAY_NAMESPACE="remote"
+    )
     try:
         server.wait_ready(timeout=300)
         running = create(server, "fault:slow:100000")
-        wait_for_log(server, running, "/100000 denoising")
+        server.wait_for_log(running, "/100000 denoising")
         server.client().predictions.cancel(running)
         assert server.wait_for(running, TERMINAL, timeout=60)["status"] == "canceled"
         done = server.wait_for(create(server, "a black clip"), TERMINAL, timeout=60)
@@ -193,17 +168,20 @@ def test_the_ray_settings_come_from_the_environment_and_are_checked(monkeypatch,
     from i2v.server.ray_runner import RayRunner
 
     config = ServerConfig.from_env(data_dir=tmp_path, no_auth=True)
-    assert (config.runner, config.ray_address, config.ray_gpu_resource, config.ray_gpus_per_worker) == (
-        "local",
-        "auto",
-        "GPU",
-        1,
-    )
+    assert (
+        config.runner,
+        config.ray_address,
+        config.ray_gpu_resource,
+        config.ray_gpus_per_worker,
+        config.ray_namespace,
+    ) == ("local", "auto", "GPU", 1, "i2v")
     monkeypatch.setenv("I2V_RUNNER", "ray")
     monkeypatch.setenv("I2V_RAY_ADDRESS", "ray://head.example:10001")
     monkeypatch.setenv("I2V_RAY_GPUS_PER_WORKER", "2")
+    monkeypatch.setenv("I2V_RAY_NAMESPACE", " staging ")
     runner = configured_runner(ServerConfig.from_env(data_dir=tmp_path, no_auth=True))
     assert isinstance(runner, RayRunner) and runner.address == "ray://head.example:10001"
+    assert runner.namespace == "staging"
     assert runner.spec.device == "cuda:0+cuda:1"  # Ray numbers an actor's own GPUs from 0: a group of two
     monkeypatch.setenv("I2V_RAY_GPU_RESOURCE", GPU_RESOURCE)
     runner = configured_runner(ServerConfig.from_env(data_dir=tmp_path, no_auth=True))

@@ -11,9 +11,7 @@ Every wait is on a state (a status, a row, a file), bounded by a generous timeou
 
 from __future__ import annotations
 
-import base64
 import collections
-import io
 import json
 import math
 import os
@@ -24,31 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import replicate
 from hardening import fault_server
-from PIL import Image
 from serverproc import MODEL, TOKEN, ServerProcess, WebhookReceiver
+from several import IMAGE, PREDICTIONS, TERMINAL, check_each_webhook_once, http, spread_creates
 
 CREATES = int(os.environ.get("I2V_SEVERAL_SERVERS_CREATES", "60"))
 PER_TOKEN = 3  # creates per token in the main test: under both limits below
 MAX_UNFINISHED, CREATE_RATE = 4, 8
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
-TERMINAL = {"succeeded", "failed", "canceled"}
 MAIN_TOKENS = [f"main-{n}" for n in range(math.ceil(CREATES / PER_TOKEN))]
 QUEUE_TOKEN, RATE_TOKEN = "queue-limit", "rate-limit"
-DEADLINE_S = 300
-
-
-def small_jpeg() -> str:
-    """A few KB: the creates cost the service, not base64."""
-    out = io.BytesIO()
-    Image.linear_gradient("L").resize((480, 320)).convert("RGB").save(out, format="JPEG", quality=70)
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
-
-
-IMAGE = small_jpeg()
 
 
 @pytest.fixture(scope="module")
@@ -78,122 +62,53 @@ def servers(
             proc.stop()
 
 
-def http(server: ServerProcess, token: str) -> httpx.Client:
-    return httpx.Client(base_url=server.base, headers={"authorization": f"Bearer {token}"}, timeout=90)
-
-
-def rows(database: str, query: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(database.replace("postgresql+psycopg", "postgresql")) as conn:
-        return conn.execute(query).fetchall()
-
-
-def wait_terminal(servers: list[ServerProcess], owned: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Each prediction (id -> its token) once it has ended, read through either server in turn."""
-    done: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + DEADLINE_S
-    clients: dict[tuple[int, str], httpx.Client] = {}
-    try:
-        while len(done) < len(owned):
-            for n, (prediction_id, token) in enumerate(owned.items()):
-                if prediction_id in done:
-                    continue
-                client = clients.get((n % 2, token)) or clients.setdefault(
-                    (n % 2, token), http(servers[n % 2], token)
-                )
-                answer = client.get(f"/v1/predictions/{prediction_id}")
-                assert answer.status_code == 200, answer.text
-                if answer.json()["status"] in TERMINAL:
-                    done[prediction_id] = answer.json()
-            assert time.monotonic() < deadline, (
-                f"{len(owned) - len(done)} not ended:\n{servers[0].log_tail()}"
-            )
-            time.sleep(0.1)
-    finally:
-        for client in clients.values():
-            client.close()
-    return done
-
-
 def test_creates_spread_over_two_servers_each_run_once_and_answer_once(servers, database, tmp_path):
-    """CREATES creates through both servers, 8 at once: a fifth wait for their answer (`Prefer: wait`), a fifth
-    are long runs canceled through the other server. Each ends as asked; each succeeded one ran exactly
-    once and a canceled one at most once (the workers' tally); each has exactly one terminal webhook, every
-    webhook id is unique, and the outputs read back through either server."""
-    tally = tmp_path / "tally"
+    """CREATES creates through both servers (tests/several.py): each ends as asked, each succeeded one ran
+    exactly once and a canceled one at most once (the workers' tally); each has exactly one terminal webhook,
+    every webhook id is unique, and the outputs read back through either server."""
     receiver = WebhookReceiver()
-    plan = {n: ("cancel" if n % 5 == 0 else "wait" if n % 5 == 1 else "plain") for n in range(CREATES)}
-    answers: dict[int, tuple[str, dict[str, Any]]] = {}
-
-    def create(n: int) -> None:
-        kind, here, there = plan[n], servers[n % 2], servers[(n + 1) % 2]
-        token = MAIN_TOKENS[n // PER_TOKEN]
-        prompt = f"fault:tally={tally} n={n}" + (" fault:slow:2000" if kind == "cancel" else "")
-        body = {
-            "input": {"prompt": prompt, "start_image": IMAGE},
-            "webhook": receiver.url,
-            "webhook_events_filter": ["start", "completed"],
-        }
-        headers = {"prefer": "wait=50"} if kind == "wait" else {}
-        with http(here, token) as client:
-            created = client.post(PREDICTIONS, json=body, headers=headers)
-            assert created.status_code == 201, created.text
-            answer = created.json()
-        if kind == "cancel":
-            with http(there, token) as other:  # the cancel reaches the other server
-                canceled = other.post(f"/v1/predictions/{answer['id']}/cancel")
-                assert canceled.status_code == 200, canceled.text
-        answers[n] = (kind, answer)
-
     try:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(create, range(CREATES)))
-        for kind, answer in answers.values():
-            if kind == "wait":  # the answer came in the create's own response, whichever server ran it
-                assert answer["status"] == "succeeded", answer
-        ids = [answers[n][1]["id"] for n in range(CREATES)]
-        final = wait_terminal(servers, {ids[n]: MAIN_TOKENS[n // PER_TOKEN] for n in range(CREATES)})
-        for n, prediction_id in enumerate(ids):
-            expected = "canceled" if plan[n] == "cancel" else "succeeded"
-            assert final[prediction_id]["status"] == expected, final[prediction_id]
-
-        runs = collections.Counter(line.split(" ", 1)[1] for line in tally.read_text().splitlines())
-        workers = {line.split(" ", 1)[0] for line in tally.read_text().splitlines()}
-        for n, prediction_id in enumerate(ids):
-            count = runs[final[prediction_id]["input"]["prompt"]]
-            assert count == 1 if plan[n] != "cancel" else count <= 1, (n, count)
-        assert len(workers) == 2, workers  # both servers' workers took work
-
-        # every terminal delivery recorded as delivered: nothing pending, so no copy can follow
-        deadline = time.monotonic() + DEADLINE_S
-        while rows(database, "SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'") != [(0,)]:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        terminal = collections.Counter()
-        started = collections.Counter()
-        for _, _, body in receiver.calls:
-            sent = json.loads(body)
-            (terminal if sent["status"] in TERMINAL else started)[sent["id"]] += 1
-        assert all(terminal[p] == 1 for p in ids), [p for p in ids if terminal[p] != 1]
-        assert all(started[p] <= 1 for p in ids)
-        assert len({h["webhook-id"] for _, h, _ in receiver.calls}) == len(receiver.calls)
-        failed = rows(database, "SELECT count(*) FROM webhook_deliveries WHERE state = 'failed' AND terminal")
-        assert failed == [(0,)]
+        spread = spread_creates(
+            servers, CREATES, tmp_path / "tally", receiver, lambda n: MAIN_TOKENS[n // PER_TOKEN]
+        )
+        spread.check_each_ran_once()
+        check_each_webhook_once(database, receiver, spread.ids)
 
         # outputs live in the shared data dir, at links both servers sign alike: either server serves any
         token = MAIN_TOKENS[0]
         for n in (1, 2):
             with http(servers[(n + 1) % 2], token) as client:
                 video = client.get(
-                    final[ids[n]]["output"].replace(servers[n % 2].base, servers[(n + 1) % 2].base)
+                    spread.final[spread.ids[n]]["output"].replace(
+                        servers[n % 2].base, servers[(n + 1) % 2].base
+                    )
                 )
                 assert video.status_code == 200 and video.content[4:8] == b"ftyp"
         for server in servers:
             assert "a server stopped" not in server.log()  # no live server was taken for a dead one
-        print(
-            f"\nseveral servers: {CREATES} creates, runs per worker {collections.Counter(line.split()[0] for line in tally.read_text().splitlines())}"
-        )
+        print(f"\nseveral servers: {CREATES} creates, runs per worker {spread.per_worker()}")
     finally:
         receiver.close()
+
+
+def test_both_servers_workers_take_work(servers, tmp_path):
+    """A clip holds one worker (whichever server claimed it); a create through either server then runs on
+    the other server's worker, the only free one: two distinct worker processes ran them."""
+    tally, release = tmp_path / "tally", tmp_path / "release"
+    try:
+        with http(servers[0], TOKEN) as client:
+            body = {"input": {"prompt": f"fault:tally={tally} fault:hold={release}", "start_image": IMAGE}}
+            held = client.post(PREDICTIONS, json=body).json()["id"]
+            servers[0].wait_for(held, {"processing"}, timeout=120)
+        with http(servers[1], TOKEN) as client:
+            body = {"input": {"prompt": f"fault:tally={tally} quick", "start_image": IMAGE}}
+            quick = client.post(PREDICTIONS, json=body).json()["id"]
+        assert servers[1].wait_for(quick, TERMINAL, timeout=120)["status"] == "succeeded"
+    finally:
+        release.touch()
+    assert servers[0].wait_for(held, TERMINAL, timeout=120)["status"] == "succeeded"
+    workers = [line.split(" ", 1)[0] for line in tally.read_text().splitlines()]
+    assert len(workers) == 2 and len(set(workers)) == 2, workers
 
 
 def test_the_queue_and_rate_limits_hold_across_servers(servers, tmp_path):

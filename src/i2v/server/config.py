@@ -100,7 +100,9 @@ class ServerConfig(EnvSettings):
       ray_address (`I2V_RAY_ADDRESS`: `auto` for the cluster this machine is part of, `host:port` of its
       head, or `ray://host:10001` through Ray Client), ray_gpu_resource (`I2V_RAY_GPU_RESOURCE`: the node
       resource one GPU is counted in; `GPU` is Ray's own), ray_gpus_per_worker (`I2V_RAY_GPUS_PER_WORKER`:
-      GPUs per actor; above 1 each actor splits a clip across its GPUs like a local group).
+      GPUs per actor; above 1 each actor splits a clip across its GPUs like a local group), ray_namespace
+      (`I2V_RAY_NAMESPACE`: the Ray namespace of this deployment; of all its servers on one cluster, one at
+      a time places and drives the workers, so two deployments share a cluster under two namespaces).
     """
 
     ENVIRONMENT: ClassVar[Mapping[str, FieldPath]] = {
@@ -136,6 +138,7 @@ class ServerConfig(EnvSettings):
         "I2V_RAY_ADDRESS": ("ray_address",),
         "I2V_RAY_GPU_RESOURCE": ("ray_gpu_resource",),
         "I2V_RAY_GPUS_PER_WORKER": ("ray_gpus_per_worker",),
+        "I2V_RAY_NAMESPACE": ("ray_namespace",),
     }
     error: ClassVar[type[Exception]] = ConfigError
 
@@ -176,6 +179,7 @@ class ServerConfig(EnvSettings):
     ray_address: str = "auto"
     ray_gpu_resource: str = "GPU"
     ray_gpus_per_worker: int = Field(default=1, ge=1)
+    ray_namespace: str = "i2v"
 
     @classmethod
     def from_env(
@@ -270,7 +274,7 @@ class ServerConfig(EnvSettings):
             raise ValueError("expected a whole number of 1 or more")
         return value
 
-    @field_validator("ray_address", "ray_gpu_resource")
+    @field_validator("ray_address", "ray_gpu_resource", "ray_namespace")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():

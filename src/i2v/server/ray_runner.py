@@ -20,6 +20,27 @@ Placement: a watcher looks at the cluster's live nodes every `WATCH_S` and keeps
 `gpus_per_worker` units of the GPU resource on each, pinned to its node. A node that joins later (the
 autoscaler adding one) gets its actors at the next look, and the queue flows to them without a restart.
 
+One placement per cluster: of all the API servers of a deployment (`I2V_RAY_NAMESPACE`) on one cluster,
+exactly one at a time places and drives the actors. Each server tries, at every look, to create a tiny named
+actor, `Placement` (`PLACEMENT` in the namespace, no CPU, not detached); Ray registers a named actor
+synchronously, so exactly one creation succeeds and the others raise `ActorAlreadyExistsError` at once. The
+server that created it leads: it places the actors as above and publishes its workers' views to it each
+look. The others follow: they read what the leader published and report those workers as never free, so
+their dispatchers never dispatch while their admission checks and health see the real cluster; the queue is
+the shared database's, so the leader's dispatcher claims what any server queued, and a cancel reaches the
+leader's actor through the database's NOTIFY (`peers.py`). The placement actor is owned by the leader's
+driver, as its workers are, so Ray's fate sharing ends all of them with that driver however it ends (a
+SIGKILL included: Ray frees the name and the GPUs within a second or two); the next look of another server
+then creates the placement and takes over, and the store's sweep puts back what the dead server ran.
+Why an actor and not the database's advisory lock: leadership must end exactly when the leader's actors end,
+or a new leader would place actors beside the old ones, which pend on GPUs still held (and make an autoscaler
+add nodes). A lock in PostgreSQL can be lost (a dropped connection) while the actors live on; the named
+actor shares their fate by construction, in the system that holds the GPUs. Should the placement actor die
+alone (its process killed), the leader tries to create it again; if another server got there first, the
+leader kills its own actors (their predictions are lost workers, run again under `I2V_RETRY_ON_RESTART`) and
+follows. With Ray Client (`ray://`) the driver is the head's session for this server, which Ray keeps for
+its reconnect grace period (`RAY_CLIENT_RECONNECT_GRACE_PERIOD`, 30 s) after the server is gone.
+
 Failure: a call to an actor that died (its process or its whole node) raises `RayActorError`. Its job fails
 with `worker_lost=True`, as a killed local worker's does, so the dispatcher runs it again when
 `I2V_RETRY_ON_RESTART` asks. The actor is killed for good first: one only unreachable must not finish a job
@@ -42,6 +63,7 @@ import itertools
 import logging
 import os
 import queue
+import socket
 import tempfile
 import threading
 import time
@@ -50,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorAlreadyExistsError, GetTimeoutError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..request import MODES, Mode
@@ -81,6 +103,8 @@ WATCH_S = 2.0  # how often the cluster's nodes are looked at for room for more a
 ACTOR_THREADS = 4  # the long poll, and the server's messages (a job, a cancel) arriving while it waits
 CONNECT_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between tries to reach the cluster (it may start after us)
 MAX_PAUSE_S = 60.0
+PLACEMENT = "i2v-placement"  # the leading server's named actor, one per namespace
+READ_S = 10.0  # how long a follower waits for the placement actor's answer (it may still be starting)
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,30 @@ class VideoBytes:
 
 
 Outgoing = Event | VideoBytes
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the leading server last told the others: who it is (for their logs), and its runner's state and
+    workers as its own dispatcher sees them."""
+
+    leader: str
+    state: RunnerState
+    error: str | None
+    workers: tuple[WorkerView, ...]
+
+
+class Placement:
+    """The named actor whose creator leads (see the module's docstring); it keeps the leader's last word."""
+
+    def __init__(self) -> None:
+        self._published: Published | None = None
+
+    def publish(self, published: Published) -> None:
+        self._published = published
+
+    def read(self) -> Published | None:
+        return self._published
 
 
 # Inside the actor.
@@ -284,7 +332,7 @@ class RayWorker:
     def _lost(self, exc: BaseException) -> None:
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)  # one only unreachable must not finish a job reported lost
-        cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        cause = _first_line(exc)
         lost, self.current = self.current, None
         log.error("Ray worker %d %s was lost: %s", self.index, self.where, cause)
         if lost is not None:
@@ -304,8 +352,15 @@ class RayRunner:
         resource: str = GPU,
         gpus_per_worker: int = 1,
         preload: tuple[Mode, ...] = MODES,
+        namespace: str = "i2v",
     ) -> None:
         self.address, self.resource, self.gpus_per_worker = address, resource, gpus_per_worker
+        self.namespace = namespace
+        self.name = f"{socket.gethostname()} (pid {os.getpid()})"  # this server, in the others' logs
+        self.leading = False
+        self._placement: Any = None  # the placement actor, while this server leads
+        self._publishing: Any = None  # the last publish call, until it is through
+        self._leader: Published | None = None  # what the leader published, while this server follows
         self.spec = WorkerSpec(model, self._device(), preload)
         self.stopping = False
         self._workers: list[RayWorker] = []
@@ -316,6 +371,7 @@ class RayRunner:
         self._crashes: dict[str, int] = {}  # node -> actors in a row that died there before they were ready
         self._not_before: dict[str, float] = {}  # node -> when the next actor may be placed there
         self._actor_class: Any = None
+        self._placement_class: Any = None
         self._told_no_room = False  # that no node has the resource, once until one has
 
     @classmethod
@@ -326,6 +382,7 @@ class RayRunner:
             resource=config.ray_gpu_resource,
             gpus_per_worker=config.ray_gpus_per_worker,
             preload=config.preload_modes,
+            namespace=config.ray_namespace,
         )
 
     def _device(self) -> str | None:
@@ -342,6 +399,8 @@ class RayRunner:
         threading.Thread(target=self._watch, name="i2v-ray-watch", daemon=True).start()
 
     def state(self) -> RunnerState:
+        if not self.leading:
+            return self._leader.state if self._leader is not None else "STARTING"
         workers = self._snapshot()
         states = {w.state for w in workers}
         if "READY" in states or "SETUP_FAILED" in states:
@@ -351,9 +410,15 @@ class RayRunner:
         return "DOWNLOADING" if "DOWNLOADING" in states else "STARTING"
 
     def setup_error(self) -> str | None:
+        if not self.leading:
+            return self._leader.error if self._leader is not None else None
         return next((w.error for w in self._snapshot() if w.error), None)
 
     def workers(self) -> tuple[WorkerView, ...]:
+        """Ours while this server leads; else the leader's, never free: its dispatcher runs them."""
+        if not self.leading:
+            leader = self._leader
+            return tuple(dataclasses.replace(w, free=False) for w in leader.workers) if leader else ()
         return tuple(worker.view() for worker in self._snapshot())
 
     def submit(self, job: Job, worker: int) -> None:
@@ -378,6 +443,9 @@ class RayRunner:
         for worker in self._snapshot():
             with contextlib.suppress(Exception):
                 ray.kill(worker.actor, no_restart=True)
+        if self._placement is not None:  # the name frees now, not when Ray notices the driver has gone
+            with contextlib.suppress(Exception):
+                ray.kill(self._placement, no_restart=True)
         with contextlib.suppress(Exception):
             ray.shutdown()
 
@@ -408,21 +476,109 @@ class RayRunner:
             return
         while not self._stop.is_set():
             try:
-                self._place()
+                if self.leading or self._elect():
+                    self._place()
+                    self._publish()
+                else:
+                    self._follow()
             except Exception as exc:  # the cluster is unreachable for now: look again at the next round
                 log.warning("could not look at the Ray cluster's nodes: %s", exc)
             self._stop.wait(WATCH_S)
 
+    # one placement per cluster (the module's docstring)
+
+    def _elect(self) -> bool:
+        """Create the placement actor: True if this server did, and so leads now."""
+        options: dict[str, Any] = {"name": PLACEMENT, "num_cpus": 0, "max_restarts": 0}
+        with contextlib.suppress(Exception):  # beside the driver: its node ends with the driver anyway
+            here = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=True)
+        try:
+            placement = self._placement_class.options(**options).remote()
+        except ActorAlreadyExistsError:  # raised at once: Ray registers a named actor synchronously
+            self._stand_down()
+            return False
+        with self._lock:
+            if self.stopping:
+                ray.kill(placement, no_restart=True)
+                return False
+            self._placement, self._publishing, self._leader = placement, None, None
+            self.leading = True
+        log.info(
+            "this server leads the Ray namespace %r (I2V_RAY_NAMESPACE): it places and drives the workers",
+            self.namespace,
+        )
+        return True
+
+    def _publish(self) -> None:
+        """Tell the followers about our workers, once the last word has gone through (the placement actor
+        may still be starting): a publish that fails means the placement actor is gone."""
+        if self._publishing is not None:
+            done, _ = ray.wait([self._publishing], timeout=0)
+            if not done:
+                return
+            try:
+                ray.get(done[0])
+            except RayError as exc:
+                self._placement_lost(exc)
+                return
+        published = Published(self.name, self.state(), self.setup_error(), self.workers())
+        self._publishing = self._placement.publish.remote(published)
+
+    def _placement_lost(self, exc: BaseException) -> None:
+        with self._lock:
+            self.leading, self._placement, self._publishing = False, None, None
+        log.error("this server's Ray placement actor was lost (%s); electing again", _first_line(exc))
+        self._elect()
+
+    def _stand_down(self) -> None:
+        """Another server leads: actors this one still has (it led until its placement actor was lost)
+        must not run beside the leader's."""
+        workers = self._snapshot()
+        if not workers:
+            return
+        log.error(
+            "another server took the Ray placement: this server's %d worker(s) stop, their predictions go "
+            "back to the queue (I2V_RETRY_ON_RESTART) or fail, and it follows",
+            len(workers),
+        )
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                ray.kill(worker.actor, no_restart=True)  # its poll thread reports it lost
+
+    def _follow(self) -> None:
+        """Read what the leader published; gone, the next round elects."""
+        previous = self._leader
+        try:
+            published = ray.get(ray.get_actor(PLACEMENT).read.remote(), timeout=READ_S)
+        except GetTimeoutError:
+            return  # the leader's placement actor is still starting
+        except (ValueError, RayError):  # gone since the election: the leader ended
+            published = None
+        self._leader = published
+        if published is not None and (previous is None or previous.leader != published.leader):
+            log.info(
+                "the Ray workers of namespace %r are placed by the server at %s: this one follows, and its "
+                "predictions run on that server's workers",
+                self.namespace,
+                published.leader,
+            )
+        if previous is not None and published is None:
+            log.warning("the server at %s no longer leads the Ray placement: electing again", previous.leader)
+        if (previous.state if previous else None) != (published.state if published else None):
+            self.emit(StateChanged(self.state()))
+
     def _connect(self) -> bool:
         for attempt in itertools.count():
             try:
-                ray.init(address=self.address, log_to_driver=True)  # the workers' log lines join ours
+                # the workers' log lines join ours; the namespace scopes the placement's name
+                ray.init(address=self.address, namespace=self.namespace, log_to_driver=True)
             except Exception as exc:
                 delay = CONNECT_RETRY_S[min(attempt, len(CONNECT_RETRY_S) - 1)]
                 log.error(
                     "cannot reach the Ray cluster at %s (I2V_RAY_ADDRESS): %s; trying again in %.0f s",
                     self.address,
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    _first_line(exc),
                     delay,
                 )
                 if self._stop.wait(delay):
@@ -435,6 +591,7 @@ class RayRunner:
                     self.resource,
                 )
                 self._actor_class = ray.remote(WorkerActor)
+                self._placement_class = ray.remote(Placement)
                 return True
         return False  # pragma: no cover (the loop only ends by returning)
 
@@ -455,7 +612,7 @@ class RayRunner:
         self._told_no_room = not any(rooms.values())
         now = time.monotonic()
         with self._lock:
-            if self.stopping:
+            if self.stopping or not self.leading:
                 return
             for node_id, room in rooms.items():
                 have = sum(1 for w in self._workers if w.node == node_id)
@@ -485,3 +642,7 @@ def _accepting(workers: list[RayWorker]) -> list[RayWorker]:
     rather than waiting forever), but only when no ready one is free."""
     free = [w for w in workers if w.state in ("READY", "SETUP_FAILED") and w.current is None]
     return sorted(free, key=lambda w: w.state != "READY")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
