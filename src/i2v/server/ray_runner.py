@@ -21,25 +21,30 @@ Placement: a watcher looks at the cluster's live nodes every `WATCH_S` and keeps
 autoscaler adding one) gets its actors at the next look, and the queue flows to them without a restart.
 
 One placement per cluster: of all the API servers of a deployment (`I2V_RAY_NAMESPACE`) on one cluster,
-exactly one at a time places and drives the actors. Each server tries, at every look, to create a tiny named
-actor, `Placement` (`PLACEMENT` in the namespace, no CPU, not detached); Ray registers a named actor
-synchronously, so exactly one creation succeeds and the others raise `ActorAlreadyExistsError` at once. The
-server that created it leads: it places the actors as above and publishes its workers' views to it each
-look. The others follow: they read what the leader published and report those workers as never free, so
-their dispatchers never dispatch while their admission checks and health see the real cluster; the queue is
-the shared database's, so the leader's dispatcher claims what any server queued, and a cancel reaches the
-leader's actor through the database's NOTIFY (`peers.py`). The placement actor is owned by the leader's
-driver, as its workers are, so Ray's fate sharing ends all of them with that driver however it ends (a
-SIGKILL included: Ray frees the name and the GPUs within a second or two); the next look of another server
-then creates the placement and takes over, and the store's sweep puts back what the dead server ran.
-Why an actor and not the database's advisory lock: leadership must end exactly when the leader's actors end,
-or a new leader would place actors beside the old ones, which pend on GPUs still held (and make an autoscaler
-add nodes). A lock in PostgreSQL can be lost (a dropped connection) while the actors live on; the named
-actor shares their fate by construction, in the system that holds the GPUs. Should the placement actor die
-alone (its process killed), the leader tries to create it again; if another server got there first, the
-leader kills its own actors (their predictions are lost workers, run again under `I2V_RETRY_ON_RESTART`) and
-follows. With Ray Client (`ray://`) the driver is the head's session for this server, which Ray keeps for
-its reconnect grace period (`RAY_CLIENT_RECONNECT_GRACE_PERIOD`, 30 s) after the server is gone.
+exactly one at a time places and drives the actors; were each to place its own, the second server's actors
+would wait for GPUs forever, and their pending demand would make an autoscaler add nodes up to its maximum.
+At every look, a server that does not lead tries to create a tiny named actor, `Placement` (`PLACEMENT` in
+the namespace, no CPU, not detached, pinned to the driver's own node). Ray registers a named actor
+synchronously, so exactly one creation succeeds and the others raise `ActorAlreadyExistsError` at once (two
+creations racing included). The server that created it leads: it places the actors as above and publishes
+its workers' views to it at each look. The others follow: they read what the leader published and report
+those workers as never free, so their dispatchers never dispatch while their admission checks and health
+see the real cluster. The queue is the shared database's, so the leader's dispatcher claims what any server
+queued, and a cancel sent to any server reaches the leader's actor through the database's NOTIFY
+(`peers.py`). The placement actor is owned by the leader's driver, as its workers are, so Ray's fate sharing
+ends all of them with that driver however it ends (SIGKILL included: Ray frees the name and the GPUs within
+a second or two); the next look of another server then creates the placement and takes over, and the
+store's sweep puts back what the dead server ran.
+
+Why an actor and not PostgreSQL's advisory lock: leadership must end exactly when the leader's actors end,
+or a new leader would place actors beside the old ones, pending on GPUs still held. A lock in the database
+can be lost (a dropped connection) while the actors live on; the named actor shares their fate by
+construction, in the system that holds the GPUs, and also carries the views the followers report. Should
+the placement actor die alone (its process killed), the leader creates it again; if another server got
+there first, the leader kills its own actors (their predictions are lost workers, run again under
+`I2V_RETRY_ON_RESTART`) and follows. Through Ray Client (`ray://`) the driver is the head's session for this
+server, which Ray keeps for the client's reconnect grace period (`RAY_CLIENT_RECONNECT_GRACE_PERIOD`, 30 s)
+after the server is gone: the takeover waits that long.
 
 Failure: a call to an actor that died (its process or its whole node) raises `RayActorError`. Its job fails
 with `worker_lost=True`, as a killed local worker's does, so the dispatcher runs it again when
@@ -490,9 +495,11 @@ class RayRunner:
     def _elect(self) -> bool:
         """Create the placement actor: True if this server did, and so leads now."""
         options: dict[str, Any] = {"name": PLACEMENT, "num_cpus": 0, "max_restarts": 0}
-        with contextlib.suppress(Exception):  # beside the driver: its node ends with the driver anyway
+        # On the driver's node (the head's, through Ray Client), which lives as long as the driver: not on a
+        # GPU node that can die alone. Hard: Ray's soft affinity places it elsewhere as readily.
+        with contextlib.suppress(Exception):
             here = ray.get_runtime_context().get_node_id()
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=True)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=False)
         try:
             placement = self._placement_class.options(**options).remote()
         except ActorAlreadyExistsError:  # raised at once: Ray registers a named actor synchronously
