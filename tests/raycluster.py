@@ -154,7 +154,9 @@ class RayCluster:
             HEAD_ENV,
         )
 
-    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> RayNode:
+    def _start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, wait: bool = True
+    ) -> RayNode:
         common = [
             "--object-store-memory",
             str(OBJECT_STORE_BYTES),
@@ -163,11 +165,13 @@ class RayCluster:
         ]
         node = RayNode([*args, *common], {**self.env, **(env or {})}, self.folder / name)
         self.nodes.append(node)
-        node.wait_started()
+        if wait:
+            node.wait_started()
         return node
 
-    def add_node(self, gpus: int = 1, resource: str = GPU_RESOURCE) -> RayNode:
-        """A worker node with `gpus` of the stand-in GPU resource (and a CPU)."""
+    def add_node(self, gpus: int = 1, resource: str = GPU_RESOURCE, wait: bool = True) -> RayNode:
+        """A worker node with `gpus` of the stand-in GPU resource (and a CPU); without `wait` it starts
+        while the caller goes on (`RayNode.wait_started` later), so nodes and servers start side by side."""
         return self._start(
             f"node-{len(self.nodes)}",
             [
@@ -180,6 +184,7 @@ class RayCluster:
                 "--resources",
                 json.dumps({resource: gpus}),
             ],
+            wait=wait,
         )
 
     def server_env(self, address: str | None = None, resource: str = GPU_RESOURCE) -> dict[str, str]:

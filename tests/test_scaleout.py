@@ -50,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, _cache_dir: Path) -> Itera
     cluster = RayCluster(tmp_path_factory.mktemp("ray"), FAULT_ENV)
     try:
         for _ in range(2):
-            cluster.add_node()
+            cluster.add_node(wait=False)  # the servers start meanwhile
         yield cluster
     finally:
         cluster.stop()
@@ -82,6 +82,8 @@ def servers(
     folder = tmp_path_factory.mktemp("scaleout")
     procs = [ServerProcess(folder / f"data-{n}", env=env, model="fault-injection") for n in range(2)]
     try:
+        for node in cluster.nodes:
+            node.wait_started()
         for proc in procs:
             proc.wait_ready(timeout=300)  # a follower is ready once the leader has published ready workers
         procs.sort(key=lambda proc: LEADS not in proc.log())
