@@ -573,7 +573,7 @@ class RayRunner:
         if previous is not None and published is None:
             log.warning("the server at %s no longer leads the Ray placement: electing again", previous.leader)
         if (previous.state if previous else None) != (published.state if published else None):
-            self.emit(StateChanged(self.state()))
+            self.emit(StateChanged(self.state(), self.setup_error()))  # for health and the metrics
 
     def _connect(self) -> bool:
         for attempt in itertools.count():
