@@ -338,12 +338,15 @@ class RayWorker:
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)  # one only unreachable must not finish a job reported lost
         cause = _first_line(exc)
-        lost, self.current = self.current, None
+        # Out of the runner's list first: the job's Failed below frees its slot, and the dispatcher, woken by
+        # it, must not hand the next job to this dead actor (nobody would ever report that job's end).
+        self._runner.lost(self)
+        lost, self.current = self.current, None  # read after: a job submitted before the removal is caught
         log.error("Ray worker %d %s was lost: %s", self.index, self.where, cause)
         if lost is not None:
             message = f"the Ray worker {self.where} was lost while running this prediction: {cause}"
             self._runner.emit(Failed(lost, message, worker_lost=True))
-        self._runner.lost(self)
+        self._runner.emit(StateChanged(self._runner.state()))
 
 
 class RayRunner:
@@ -460,7 +463,8 @@ class RayRunner:
         self._on_event(event)
 
     def lost(self, worker: RayWorker) -> None:
-        """A worker's actor is gone: its slot goes; its node gets a new one, after a pause if it keeps dying."""
+        """A worker's actor is gone: its slot goes (under the lock `submit` chooses in, so no job reaches it
+        after this); its node gets a new one, after a pause if it keeps dying."""
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
@@ -468,7 +472,6 @@ class RayRunner:
                 0 if worker.state != "STARTING" else self._crashes.get(worker.node, 0) + 1
             )
             self._not_before[worker.node] = time.monotonic() + min(MAX_PAUSE_S, 2.0**crashes - 1)
-        self.emit(StateChanged(self.state()))
 
     # placement
 
