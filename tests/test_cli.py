@@ -1,13 +1,18 @@
-"""The `i2v` command end to end, in a subprocess, as a user runs it."""
+"""The `i2v` command end to end, in a subprocess, as a user runs it (and in-process where only its
+output and exit code are checked, each such check next to a real subprocess run of the same command)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import probe
+
+from i2v.cli import main
 
 
 def i2v(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,7 +45,24 @@ def test_generate_end_to_end(image_file, tmp_path: Path) -> None:
     assert (info["width"], info["height"], info["frames"], info["codec"]) == (720, 1280, 121, "h264")
 
 
-def test_user_mistakes_print_one_line_and_exit_2(image_file, tmp_path: Path) -> None:
+def i2v_in_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
+) -> tuple[int, str]:
+    """`main()` as `python -m i2v` calls it: (exit code, stderr), without a new interpreter's imports.
+
+    What main() sets for the libraries (their verbosity variables, a logger's propagation) is put back."""
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    hub_logger = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub_logger, "propagate", hub_logger.propagate)
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_user_mistakes_print_one_line_and_exit_2(
+    image_file, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     small, good = str(image_file(200, 200)), str(image_file(640, 360))
     cases = {
         ("--start-image", small): "error: start_image: image is 200x200; each side must be at least 300 px",
@@ -58,12 +80,17 @@ def test_user_mistakes_print_one_line_and_exit_2(image_file, tmp_path: Path) -> 
             "error: device 'cuda:0+cuda:0': each GPU may appear once in a group"
         ),
     }
-    for args, expected in cases.items():
+    for number, (args, expected) in enumerate(cases.items()):
         model = () if "--model" in args else ("--model", "tiny")
-        result = i2v("generate", "--prompt", "x", *args, *model, "-o", str(tmp_path / "x.mp4"))
-        assert result.returncode == 2, (args, result.stderr)
-        assert last_line(result.stderr).startswith(expected), (args, result.stderr)
-        assert "Traceback" not in result.stderr
+        argv = ("generate", "--prompt", "x", *args, *model, "-o", str(tmp_path / "x.mp4"))
+        if number == 0:  # the command itself, as a user runs it; the rest through the same main()
+            result = i2v(*argv)
+            code, stderr = result.returncode, result.stderr
+        else:
+            code, stderr = i2v_in_process(capsys, monkeypatch, *argv)
+        assert code == 2, (args, stderr)
+        assert last_line(stderr).startswith(expected), (args, stderr)
+        assert "Traceback" not in stderr
     assert not (tmp_path / "x.mp4").exists()
 
 
