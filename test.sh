@@ -5,4 +5,5 @@ cd "$(dirname "$0")"
 ./setup.sh --dev
 .venv/bin/ruff check src tests bench predict.py
 .venv/bin/ruff format --check src tests bench predict.py
-exec .venv/bin/python -m pytest "$@"
+# Two workers: CI has two cores, and much of a test waits on a server, a browser or a cluster.
+exec .venv/bin/python -m pytest -n "${I2V_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -19,6 +19,17 @@ os.environ.setdefault("I2V_X264_PRESET", "ultrafast")
 # The test servers live on loopback, which the URL fetcher refuses unless an operator trusts it.
 os.environ.setdefault("I2V_FETCH_ALLOW", "127.0.0.1")
 
+# `./test.sh` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module is one group, so
+# its module-scoped servers start once, on one worker; the modules that start a Ray cluster share a group, so
+# two clusters never run at once on this machine.
+SERIAL_GROUPS = {"test_ray": "ray", "test_scaleout": "ray"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(module, module)))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
