@@ -134,14 +134,7 @@ class ServerProcess:
         return httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {TOKEN}"}, timeout=90)
 
     def wait_for(self, prediction_id: str, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.http() as http:
-            while time.monotonic() < deadline:
-                body = http.get(f"/v1/predictions/{prediction_id}").json()
-                if body["status"] in statuses:
-                    return body
-                time.sleep(0.3)
-        raise TimeoutError(f"{prediction_id} still {body['status']} after {timeout} s:\n{self.log_tail()}")
+        return self.wait_until(prediction_id, lambda body: body["status"] in statuses, timeout)
 
     def wait_until(
         self, prediction_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 120
@@ -153,7 +146,7 @@ class ServerProcess:
                 if done(body):
                     return body
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{prediction_id}: {body}\n{self.log_tail()}")
+                    raise TimeoutError(f"{prediction_id} after {timeout} s: {body}\n{self.log_tail()}")
                 time.sleep(0.2)
 
     def wait_for_log(self, prediction_id: str, needle: str, count: int = 1) -> dict[str, Any]:

@@ -23,8 +23,9 @@ import psycopg
 from PIL import Image
 from serverproc import MODEL, ServerProcess, WebhookReceiver
 
+from i2v.server.states import TERMINAL
+
 PREDICTIONS = f"/v1/models/{MODEL}/predictions"
-TERMINAL = {"succeeded", "failed", "canceled"}
 DEADLINE_S = 300
 
 
