@@ -381,6 +381,7 @@ def test_clip_plays_and_its_api_snippets_make_the_same_clip(
     assert values == sorted(values) and values[-1] < 1, values
     stages = {row["stage"].split(",")[0] for row in running}
     assert len(stages) >= 2 and stages <= {
+        "Starting",  # claimed, before the worker's first line
         "Loading inputs",
         "Loading model",
         "Denoising",
@@ -546,12 +547,27 @@ def test_the_result_is_the_clip_it_names_and_cancel_works_anywhere(
 
     # Clip B starts: the panel is B's at once (its prompt and id), with no player of A left.
     page.evaluate(RECORDER)
+    # First as a poll can catch it between the claim and the worker's first line (the server's own answer,
+    # its logs held back): "Starting", and the bar at 0 rather than blank.
+    route = "**/v1/predictions/*"
+
+    def before_first_line(r: Any) -> None:
+        answer = r.fetch()
+        body = answer.json()
+        if body.get("status") == "processing":
+            body["logs"] = ""
+        r.fulfill(response=answer, json=body)
+
+    page.route(route, before_first_line)
     new_clip(page, image, f"clip B {LONG_RUN}")
     second = clip_id(page)
     assert second != first
     expect(page.locator("#clip-link")).to_have_text(second)
     expect(page.locator("#clip-output")).to_be_hidden()
     expect(page.locator("#clip-state")).to_have_text("Rendering")
+    expect(page.locator("#clip-stage")).to_have_text("Starting")
+    expect(page.locator("#clip-progress")).to_have_attribute("value", "0")
+    page.unroute(route, before_first_line)
     expect(page.locator("#clip-stage")).to_have_text("Denoising")
     expect(page.locator("#clip-steps")).to_contain_text(", step ")
     # The bar covers all stages with the shares this server measured; the time comes from clip A.

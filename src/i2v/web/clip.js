@@ -132,7 +132,8 @@ export class ClipView {
     $("clip").dataset.status = status;
     $("clip-state").textContent = STATE_LABEL[status] || status;
     const running = status === "processing";
-    let stageText = running && stage ? capitalize(stage) : "";
+    // A run just claimed has no stage line yet: it is starting, not somewhere unknown.
+    let stageText = running ? capitalize(stage) || "Starting" : "";
     if (status === "starting") stageText = job.queueText;
     if (job.canceling) stageText = "Canceling…";
     $("clip-stage").textContent = stageText;
@@ -154,8 +155,9 @@ export class ClipView {
       if (hint) times += ` (${hint})`;
     } else if (running) {
       const at = overall({ stage, step, total, runSeconds, stageSeconds: (Date.now() - job.stageSince) / 1000, estimate: job.estimate });
-      if (at.fraction === null) bar.removeAttribute("value");
-      else bar.value = Math.max(bar.value || 0, at.fraction);
+      // A line the bar does not know (or none yet) keeps it where it was: one bar, never blank mid-run.
+      const was = bar.hasAttribute("value") ? bar.value : 0;
+      bar.value = Math.max(was, at.fraction ?? 0);
       times = `${formatDuration(waited)} elapsed`;
       if (at.remaining !== null) times += at.remaining < 1 ? " · almost done" : ` · about ${formatDuration(at.remaining)} left`;
       times += hint ? ` · ${hint}` : " · no estimate yet: the first clip of this kind here";
