@@ -6,4 +6,5 @@ cd "$(dirname "$0")"
 .venv/bin/ruff check src tests bench predict.py
 .venv/bin/ruff format --check src tests bench predict.py
 # Two workers: CI has two cores, and much of a test waits on a server, a browser or a cluster.
-exec .venv/bin/python -m pytest -n "${I2V_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# The slowest 20 are listed at the end: the suite has a time budget (DEVELOPERS.md).
+exec .venv/bin/python -m pytest -n "${I2V_TEST_WORKERS:-2}" --dist loadgroup --durations=20 "$@"
