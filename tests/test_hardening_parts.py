@@ -164,3 +164,57 @@ def test_files_never_map_an_id_outside_their_folder(tmp_path):
     for bad in ("files/../i2v.db", "outputs/../../x.mp4", "i2v.db", "files/a/b", "outputs/.x.mp4"):
         with pytest.raises(ValueError):  # and the storage takes only keys made from such ids
             storage.path(bad)
+
+
+class WorkerGoneOnceRunnerForTests:
+    """One worker that looks free, but is gone when the first job is sent to it (it died, or another server's
+    dispatcher took it, between its view and the submit); the second submit reaches it, and it fails the job
+    with a reason the test can read."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def start(self, on_event):
+        self.on_event = on_event
+
+    def state(self): return "READY"  # fmt: skip
+
+    def setup_error(self): return None  # fmt: skip
+
+    def workers(self):
+        from i2v.server.runner import WorkerView
+
+        return (WorkerView(index=0, name="0 (gone once)", modes=("standard", "pro"), state="READY", free=True, capacity=None),)  # fmt: skip
+
+    def submit(self, job, worker):
+        from i2v.server.runner import Failed
+
+        self.submitted.append(job.id)
+        if len(self.submitted) == 1:
+            raise RuntimeError("worker 0 is not free")
+        self.on_event(Failed(job.id, "reached the worker the second time"))
+
+    def cancel(self, prediction_id): ...
+    def stop(self): ...
+
+
+def test_a_job_the_worker_cannot_take_goes_back_to_the_queue_and_runs(tmp_path):
+    """A claimed prediction whose submit finds the worker gone is queued again, not left `processing`."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    runner = WorkerGoneOnceRunnerForTests()
+    config = ServerConfig(data_dir=tmp_path, no_auth=True)
+    image = "data:image/png;base64," + base64.b64encode(make_image(400, 400)).decode()
+    with TestClient(app_module.create_app(config, runner=runner)) as client:
+        created = client.post(
+            "/v1/models/kwaivgi/kling-v2.1/predictions", json={"input": {"prompt": "x", "start_image": image}}
+        ).json()
+        deadline = time.monotonic() + 30
+        while (pred := client.get(f"/v1/predictions/{created['id']}").json())["status"] != "failed":
+            assert time.monotonic() < deadline, pred
+            time.sleep(0.05)
+    assert runner.submitted == [created["id"]] * 2
+    assert pred["error"] == "reached the worker the second time"
+    assert "worker 0 (gone once) could not take it (worker 0 is not free); back in the queue" in pred["logs"]

@@ -180,7 +180,11 @@ class Dispatcher:
             f"a log line of {row.id}",
             lambda: self.store.append_log(row.id, f"running on worker {worker.name}"),
         )
-        self.runner.submit(job, worker.index)
+        try:
+            self.runner.submit(job, worker.index)
+        except (RuntimeError, OSError) as exc:  # the worker went (died, or was taken) since its view
+            self._back_to_queue(row.id, f"worker {worker.name} could not take it ({exc}); back in the queue")
+            return True
         if (latest := self.store.prediction(row.id)) and latest.cancel_requested:
             self.runner.cancel(row.id)  # a cancel that came between the queue and the worker
         return True
@@ -301,6 +305,27 @@ class Dispatcher:
                 self.finish(prediction_id, status=FAILED, error=error)
             case Canceled(prediction_id):
                 self.finish(prediction_id, status=CANCELED)
+
+    def _back_to_queue(self, prediction_id: str, line: str) -> None:
+        """A claimed prediction that never reached a worker: queued again at its place, whatever the retry
+        setting (it has not run), unless it was canceled meanwhile."""
+        log.warning("prediction %s: %s", prediction_id, line)
+        row = self._write(
+            f"the return of {prediction_id} to the queue",
+            lambda: self.store.transition(
+                prediction_id,
+                {RUNNING},
+                held_by=self.store.claimant,
+                status=QUEUED,
+                started_at=None,
+                claimed_by=None,
+                attempts=PredictionRow.attempts - 1,
+                logs=PredictionRow.logs + line + "\n",
+            ),
+        )
+        if row is not None and row.cancel_requested:
+            self.finish(prediction_id, status=CANCELED)
+        self.kick()
 
     def _run_again(self, prediction_id: str) -> bool:
         """With `retry_on_restart`, a prediction whose worker died goes back to the queue's front, once."""
