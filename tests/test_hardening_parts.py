@@ -166,7 +166,7 @@ def test_files_never_map_an_id_outside_their_folder(tmp_path):
             storage.path(bad)
 
 
-class WorkerGoneOnceRunnerForTests:
+class WorkerGoneOnceRunnerForTests(IdleRunnerForTests):
     """One worker that looks free, but is gone when the first job is sent to it (it died, or another server's
     dispatcher took it, between its view and the submit); the second submit reaches it, and it fails the job
     with a reason the test can read."""
@@ -176,10 +176,6 @@ class WorkerGoneOnceRunnerForTests:
 
     def start(self, on_event):
         self.on_event = on_event
-
-    def state(self): return "READY"  # fmt: skip
-
-    def setup_error(self): return None  # fmt: skip
 
     def workers(self):
         from i2v.server.runner import WorkerView
@@ -193,9 +189,6 @@ class WorkerGoneOnceRunnerForTests:
         if len(self.submitted) == 1:
             raise RuntimeError("worker 0 is not free")
         self.on_event(Failed(job.id, "reached the worker the second time"))
-
-    def cancel(self, prediction_id): ...
-    def stop(self): ...
 
 
 def test_a_job_the_worker_cannot_take_goes_back_to_the_queue_and_runs(tmp_path):

@@ -306,10 +306,9 @@ class Dispatcher:
             case Canceled(prediction_id):
                 self.finish(prediction_id, status=CANCELED)
 
-    def _back_to_queue(self, prediction_id: str, line: str) -> None:
-        """A claimed prediction that never reached a worker: queued again at its place, whatever the retry
-        setting (it has not run), unless it was canceled meanwhile."""
-        log.warning("prediction %s: %s", prediction_id, line)
+    def _requeue(self, prediction_id: str, line: str, **changes: Any) -> PredictionRow | None:
+        """A prediction this server runs goes back to the queue at its place, `line` added to its logs; the
+        row as it now is, or None when it had moved on."""
         row = self._write(
             f"the return of {prediction_id} to the queue",
             lambda: self.store.transition(
@@ -319,35 +318,32 @@ class Dispatcher:
                 status=QUEUED,
                 started_at=None,
                 claimed_by=None,
-                attempts=PredictionRow.attempts - 1,
                 logs=PredictionRow.logs + line + "\n",
+                **changes,
             ),
         )
+        if row is not None:
+            self.kick()
+        return row
+
+    def _back_to_queue(self, prediction_id: str, line: str) -> None:
+        """A claimed prediction that never reached a worker: queued again whatever the retry setting (it has
+        not run, so its attempt does not count), unless it was canceled meanwhile."""
+        log.warning("prediction %s: %s", prediction_id, line)
+        row = self._requeue(prediction_id, line, attempts=PredictionRow.attempts - 1)
         if row is not None and row.cancel_requested:
             self.finish(prediction_id, status=CANCELED)
-        self.kick()
 
     def _run_again(self, prediction_id: str) -> bool:
         """With `retry_on_restart`, a prediction whose worker died goes back to the queue's front, once."""
         row = self._write(f"the retry of {prediction_id}", lambda: self.store.prediction(prediction_id))
         if not self.config.retry_on_restart or row is None or row.attempts >= 2 or row.cancel_requested:
             return False
-        line = "the worker process died while this prediction ran; running it again\n"
-        again = self._write(
-            f"the retry of {prediction_id}",
-            lambda: self.store.transition(
-                prediction_id,
-                {RUNNING},
-                held_by=self.store.claimant,
-                status=QUEUED,
-                started_at=None,
-                claimed_by=None,
-                logs=PredictionRow.logs + line,
-            ),
+        again = self._requeue(
+            prediction_id, "the worker process died while this prediction ran; running it again"
         )
         if again is not None:
             log.warning("prediction %s: its worker died; running it again", prediction_id)
-            self.kick()
         return again is not None
 
     def finish(
