@@ -7,4 +7,4 @@ cd "$(dirname "$0")"
 .venv/bin/ruff format --check src tests bench predict.py
 # Two workers: CI has two cores, and much of a test waits on a server, a browser or a cluster.
 # The slowest 20 are listed at the end: the suite has a time budget (DEVELOPERS.md).
-exec .venv/bin/python -m pytest -n "${I2V_TEST_WORKERS:-2}" --dist loadgroup --durations=20 "$@"
+exec .venv/bin/python -m pytest -n "${I2V_TEST_WORKERS:-2}" --dist loadscope --durations=20 "$@"

@@ -19,16 +19,27 @@ os.environ.setdefault("I2V_X264_PRESET", "ultrafast")
 # The test servers live on loopback, which the URL fetcher refuses unless an operator trusts it.
 os.environ.setdefault("I2V_FETCH_ALLOW", "127.0.0.1")
 
-# `./test.sh` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module is one group, so
-# its module-scoped servers start once, on one worker; the modules that start a Ray cluster share a group, so
-# two clusters never run at once on this machine.
+# `./test.sh` runs the suite on two pytest-xdist workers. Each module is one unit of work, so its
+# module-scoped servers start once, on one worker; the modules that start a Ray cluster are one unit, so two
+# clusters never run at once on this machine.
 SERIAL_GROUPS = {"test_ray": "ray", "test_scaleout": "ray"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(module, module)))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduler, with the module (or its entry in SERIAL_GROUPS) as the scope.
+
+    Not `--dist loadgroup` with `xdist_group` marks: on pytest 9.2 that silently stops grouping (xdist
+    3.8 tags the group onto `item._nodeid`, which pytest no longer reads; pytest-dev/pytest-xdist#1386),
+    and every module-scoped server then starts on both workers. The scope comes from the node id alone.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::", 1)[0]).stem
+            return SERIAL_GROUPS.get(module, module)
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

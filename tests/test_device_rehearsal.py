@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = shutil.which("python3.11")
@@ -68,6 +69,12 @@ def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str
 def rehearsal() -> tuple[Path, Path]:
     """(the venv's python, the folder of cp311 wheels), built once per pair of lists."""
     venv, wheels = CACHE / f"venv-{key()}", CACHE / f"wheels-{key()}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(CACHE / f"{key()}.lock"):  # another test run on this machine may be building the same
+        return build(venv, wheels)
+
+
+def build(venv: Path, wheels: Path) -> tuple[Path, Path]:
     if not (venv / "ready").is_file():
         shutil.rmtree(venv, ignore_errors=True)
         assert PYTHON is not None
