@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from conftest import make_image
 TOKEN = "test-token-1"
 METRICS_TOKEN = "test-metrics-token"
 MODEL = "kwaivgi/kling-v2.1"
+PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 
 
 def free_port() -> int:
@@ -133,7 +134,7 @@ class ServerProcess:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {TOKEN}"}, timeout=90)
 
-    def wait_for(self, prediction_id: str, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
+    def wait_for(self, prediction_id: str, statuses: Collection[str], timeout: float = 300) -> dict[str, Any]:
         return self.wait_until(prediction_id, lambda body: body["status"] in statuses, timeout)
 
     def wait_until(

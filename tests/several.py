@@ -21,11 +21,10 @@ from typing import Any
 import httpx
 import psycopg
 from PIL import Image
-from serverproc import MODEL, ServerProcess, WebhookReceiver
+from serverproc import PREDICTIONS, ServerProcess, WebhookReceiver
 
 from i2v.server.states import TERMINAL
 
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 DEADLINE_S = 300
 
 

@@ -41,13 +41,13 @@ from conftest import make_image
 from hardening import NO_LIMITS, fault_server
 from PIL import Image
 from replicate.webhook import InvalidSignatureError
-from serverproc import MODEL, TOKEN, ServerProcess, WebhookReceiver
+from serverproc import MODEL, PREDICTIONS, TOKEN, ServerProcess, WebhookReceiver
+
+from i2v.server.states import TERMINAL
 
 SCALE = float(os.environ.get("I2V_ATTACK_SCALE", "1"))
 REPORT = os.environ.get("I2V_HARDENING_REPORT")
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 OTHER_TOKEN = "other-token"  # the second token ServerProcess configures
-TERMINAL = {"succeeded", "failed", "canceled"}
 BODY_MEMORY = 16 * 2**20
 BODY_TIMEOUT = 10
 ROOT = Path(__file__).resolve().parents[1]

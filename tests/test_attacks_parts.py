@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import make_image
 from fastapi.testclient import TestClient
-from serverproc import data_uri
+from serverproc import PREDICTIONS, data_uri
 from sqlalchemy import event
 from test_hardening_parts import IdleRunnerForTests
 
@@ -28,8 +28,6 @@ from i2v.server.states import CANCELED, QUEUED, RUNNING
 from i2v.server.storage import LocalStorage, input_key
 from i2v.server.store import DataDirInUse, DataDirLock, PredictionRow, StorageError, Store, utcnow
 from i2v.server.webhooks import WebhookSecrets
-
-PREDICTIONS = "/v1/models/kwaivgi/kling-v2.1/predictions"
 
 
 def queued_row(prediction_id: str) -> PredictionRow:

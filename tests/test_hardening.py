@@ -22,11 +22,11 @@ import pytest
 from conftest import make_image
 from hardening import BAD_IMAGES, fault_server
 from replicate.exceptions import ReplicateError
-from serverproc import MODEL, TOKEN, ServerProcess, data_uri
+from serverproc import MODEL, PREDICTIONS, TOKEN, ServerProcess, data_uri
 
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
+from i2v.server.states import TERMINAL
+
 OTHER_TOKEN = "other-token"  # the second token ServerProcess configures
-TERMINAL = {"succeeded", "failed", "canceled"}
 MAX_BODY = 2_000_000
 
 

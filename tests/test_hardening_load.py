@@ -32,9 +32,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode
-from serverproc import MODEL, TOKEN, ServerProcess
+from serverproc import PREDICTIONS, TOKEN, ServerProcess
 
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 LOAD_PREDICTIONS = int(os.environ.get("I2V_LOAD_PREDICTIONS", "200"))
 LOAD_CONCURRENCY = int(os.environ.get("I2V_LOAD_CONCURRENCY", str(LOAD_PREDICTIONS)))  # creates in flight

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 from hardening import fault_server
-from serverproc import MODEL, ServerProcess, data_uri
+from serverproc import PREDICTIONS, ServerProcess, data_uri
 
 from i2v.backends import resolve
+from i2v.server.states import TERMINAL
 from i2v.settings import Settings
-
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 def tiny_bytes(name: str) -> int:

@@ -19,13 +19,12 @@ import pytest
 from conftest import make_image, probe
 from hardening import FAULT_ENV
 from raycluster import GPU_RESOURCE, WHERE, RayCluster, worker_pids
-from serverproc import MODEL, ServerProcess, data_uri
+from serverproc import MODEL, PREDICTIONS, ServerProcess, data_uri
 
 from i2v.geometry import output_size
+from i2v.server.states import TERMINAL
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs i2v[ray]")
-TERMINAL = {"succeeded", "failed", "canceled"}
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 # Read by the workers (from their node's environment) and by the server's start-up check alike.
 MODELS = {"I2V_MODEL_STANDARD": "tiny-wan2.2-ti2v-5b", "I2V_MODEL_PRO": "fault-injection"}
 

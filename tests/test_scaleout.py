@@ -25,8 +25,10 @@ import httpx
 import pytest
 from hardening import FAULT_ENV
 from raycluster import RayCluster, worker_pids
-from serverproc import MODEL, TOKEN, ServerProcess, WebhookReceiver
-from several import IMAGE, PREDICTIONS, TERMINAL, check_each_webhook_once, http, spread_creates
+from serverproc import MODEL, PREDICTIONS, TOKEN, ServerProcess, WebhookReceiver
+from several import IMAGE, check_each_webhook_once, http, spread_creates
+
+from i2v.server.states import TERMINAL
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs i2v[ray]")
 CREATES = int(os.environ.get("I2V_SCALEOUT_CREATES", "40"))

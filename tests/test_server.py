@@ -18,11 +18,9 @@ import replicate
 from conftest import make_image, probe
 from replicate.exceptions import ReplicateError
 from replicate.helpers import FileOutput
-from serverproc import MODEL, TOKEN, ServerProcess, WebhookReceiver, data_uri
+from serverproc import MODEL, PREDICTIONS, TOKEN, ServerProcess, WebhookReceiver, data_uri
 
 from i2v.geometry import output_size
-
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import httpx
 from conftest import make_image, probe
-from serverproc import MODEL, ServerProcess, data_uri
-
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
+from serverproc import PREDICTIONS, ServerProcess, data_uri
 
 
 def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(

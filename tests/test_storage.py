@@ -31,7 +31,7 @@ from fastapi.testclient import TestClient
 from hardening import FAULT_ENV
 from replicate.helpers import FileOutput
 from s3_and_tls import AWS_ENV, LocalCA, MotoS3, tls_in_front
-from serverproc import MODEL, TOKEN, ServerProcess, data_uri, free_port
+from serverproc import MODEL, PREDICTIONS, TOKEN, ServerProcess, data_uri, free_port
 
 from i2v.server.app import create_app
 from i2v.server.config import ConfigError, ServerConfig
@@ -51,7 +51,6 @@ from i2v.video import write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 JS_CLIENT = ROOT / "tests" / "web-tools" / "node_modules" / "replicate"
-PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 PREFIX = "team/i2v"
 
 
