@@ -499,6 +499,45 @@ def test_clip_plays_and_its_api_snippets_make_the_same_clip(
 # ---------- the fault backend: every other state ----------
 
 
+def test_the_stage_is_the_last_progress_line_whatever_is_logged_after_it(
+    page: Any, fault_server: str
+) -> None:
+    """The engine's own lines (what runs, the file written) come between and after the progress lines; the
+    stage shown stays the last progress line's (CI once showed "Wrote ….mp4" as the stage)."""
+    from i2v.progress import STAGES, format_stage_times
+    from i2v.server.worker import progress_line
+
+    page.goto(f"{fault_server}/")
+    parse = "async (logs) => (await import('./web/progress.js')).parseLogs(logs)"
+    assert page.evaluate("async () => (await import('./web/progress.js')).STAGES") == list(STAGES)
+    lines = [
+        "running tiny-wan2.2-ti2v-5b on cpu (one device); negative prompt: the model's default",
+        progress_line("loading inputs", None, None),
+    ]
+    assert page.evaluate(parse, "\n".join(lines[:1])) == {
+        "stage": "",
+        "step": None,
+        "total": None,
+        "seed": None,
+    }
+    lines += [progress_line("denoising", 2, 5), "moved the text encoder to the CPU"]
+    assert page.evaluate(parse, "\n".join(lines)) == {
+        "stage": "denoising",
+        "step": 2,
+        "total": 5,
+        "seed": None,
+    }
+    lines += [
+        progress_line("encoding video", None, None),
+        "wrote abc.mp4 (tiny-wan2.2-ti2v-5b, seed 7) in 1 s",
+    ]
+    assert page.evaluate(parse, "\n".join(lines))["stage"] == "encoding video"
+    lines += [format_stage_times({"denoising": 1.0}), "seed: 7"]
+    assert page.evaluate(parse, "\n".join(lines)) == {
+        "stage": "encoding video", "step": None, "total": None, "seed": "7"
+    }  # fmt: skip
+
+
 def test_token_is_checked_before_it_is_kept(page: Any, fault_server: str, image_file) -> None:
     page.goto(f"{fault_server}/")
     expect(page.locator("#auth-status")).to_contain_text("needs an API token")

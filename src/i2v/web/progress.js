@@ -10,35 +10,47 @@ export const STATE_LABEL = {
 };
 export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
-// Until this server has finished a clip like this one: the stages in the engine's order, with rough weights
-// for the bar only (no time is promised from these).
-const PRIOR = [
-  { name: "loading inputs", share: 0.02 },
-  { name: "loading model", share: 0.08 },
-  { name: "denoising", share: 0.7 },
-  { name: "decoding", share: 0.08 },
-  { name: "retiming", share: 0.02 },
-  { name: "encoding video", share: 0.1 },
+// The engine's stages in the order it reports them: i2v.progress.STAGES (test_web.py keeps the two equal).
+export const STAGES = [
+  "loading inputs",
+  "downloading weights",
+  "loading model",
+  "denoising",
+  "decoding",
+  "retiming",
+  "encoding video",
 ];
 
-const NOT_PROGRESS = /^(seed\b|stage times:|the (server|worker))/i; // lines written around a run, not stages
+// Until this server has finished a clip like this one: rough weights for the bar only (no time is promised
+// from these). Downloading weights has none: its length is the network's, and the bar waits through it.
+const PRIOR_SHARES = {
+  "loading inputs": 0.02,
+  "loading model": 0.08,
+  denoising: 0.7,
+  decoding: 0.08,
+  retiming: 0.02,
+  "encoding video": 0.1,
+};
+const PRIOR = STAGES.filter((name) => name in PRIOR_SHARES).map((name) => ({ name, share: PRIOR_SHARES[name] }));
 
-/** The current stage: the last progress line, "denoising", or tqdm-like " 40%|████      | 2/5 denoising". */
+/** One log line as progress: a stage name alone, or tqdm-like " 40%|████      | 2/5 denoising"; else null
+ * (the lines the engine and the server write around a run: the model, the prompt used, the file written). */
+function progressLine(line) {
+  const bar = line.match(/^\d+%\|[^|]*\|\s*(\d+)\s*\/\s*(\d+)\s*(.*)$/);
+  if (bar) return { stage: bar[3].trim(), step: Number(bar[1]), total: Number(bar[2]) };
+  const stage = line.toLowerCase();
+  return STAGES.includes(stage) ? { stage, step: null, total: null } : null;
+}
+
+/** The current stage (the last progress line's, "" before the first) and the seed the server logged. */
 export function parseLogs(logs) {
   const lines = String(logs || "")
     .split(/\r?\n/)
     .map((l) => l.trim())
     .filter(Boolean);
-  const last = lines.filter((l) => !NOT_PROGRESS.test(l)).at(-1) || "";
-  const bar = last.match(/^\d+%\|[^|]*\|\s*(\d+)\s*\/\s*(\d+)\s*(.*)$/);
-  const plain = bar ? null : last.match(/^(.*?)\s*(\d+)\s*\/\s*(\d+)\s*$/);
+  const last = lines.map(progressLine).filter(Boolean).at(-1) || { stage: "", step: null, total: null };
   const seed = String(logs || "").match(/^seed[\s=:]+(\d+)/im);
-  let stage = last;
-  let step = null;
-  let total = null;
-  if (bar) [stage, step, total] = [bar[3], Number(bar[1]), Number(bar[2])];
-  else if (plain) [stage, step, total] = [plain[1], Number(plain[2]), Number(plain[3])];
-  return { stage: stage.trim(), step, total, seed: seed ? seed[1] : null };
+  return { ...last, seed: seed ? seed[1] : null };
 }
 
 /** The seed the server used: the input's when given, else the "seed: N" line the server logs at the end. */
