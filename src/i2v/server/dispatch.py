@@ -175,6 +175,8 @@ class Dispatcher:
         except ValueError as exc:
             self.finish(row.id, status=FAILED, error=str(exc))
             return True
+        # Before the submit: the worker's first log line would otherwise send a progress webhook ahead of it.
+        self._webhook(row, "start")
         self._write(
             f"a log line of {row.id}",
             lambda: self.store.append_log(row.id, f"running on worker {worker.name}"),
@@ -184,8 +186,6 @@ class Dispatcher:
         except (RuntimeError, OSError) as exc:  # the worker went (died, or was taken) since its view
             self._back_to_queue(row.id, f"worker {worker.name} could not take it ({exc}); back in the queue")
             return True
-        # Once the worker has it: a claim that went back to the queue did not start.
-        self._webhook(row, "start")
         if (latest := self.store.prediction(row.id)) and latest.cancel_requested:
             self.runner.cancel(row.id)  # a cancel that came between the queue and the worker
         return True
