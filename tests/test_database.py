@@ -25,7 +25,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import make_image
 from hardening import NO_LIMITS, fault_server
-from serverproc import TOKEN
+from serverproc import PREDICTIONS, TOKEN
 
 from i2v.server import migrations
 from i2v.server.config import ConfigError, ServerConfig
@@ -418,7 +418,7 @@ def test_client_text_with_nul_is_stored_and_read_back_on_postgresql(pg_url, tmp_
         "input": {"prompt": "a\x00b", "start_image": start, "odd\x00key": 1},
         "webhook": "http://127.0.0.1:9/a\x00b",
     }
-    created = client.post("/v1/models/kwaivgi/kling-v2.1/predictions", json=body)
+    created = client.post(PREDICTIONS, json=body)
     assert created.status_code == 201, created.text
     read = client.get(f"/v1/predictions/{created.json()['id']}").json()
     assert read["input"]["prompt"] == "a\x00b" and "odd\ufffdkey" in read["logs"]

@@ -68,9 +68,10 @@ def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str
 @pytest.fixture(scope="module")
 def rehearsal() -> tuple[Path, Path]:
     """(the venv's python, the folder of cp311 wheels), built once per pair of lists."""
-    venv, wheels = CACHE / f"venv-{key()}", CACHE / f"wheels-{key()}"
+    lists = key()
+    venv, wheels = CACHE / f"venv-{lists}", CACHE / f"wheels-{lists}"
     CACHE.mkdir(parents=True, exist_ok=True)
-    with FileLock(CACHE / f"{key()}.lock"):  # another test run on this machine may be building the same
+    with FileLock(CACHE / f"{lists}.lock"):  # another test run on this machine may be building the same
         return build(venv, wheels)
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from conftest import make_image
+from serverproc import PREDICTIONS
 
 from i2v.backends import registered, resolve
 from i2v.errors import ModelUnavailable
@@ -107,7 +108,7 @@ def test_the_server_fetches_through_the_operator_allowlist(tmp_path, http_dir, m
     for allow, expected in (((), 422), (("127.0.0.1",), 201)):
         config = ServerConfig(data_dir=tmp_path / str(len(allow)), no_auth=True, fetch_allow=allow)
         client = TestClient(app_module.create_app(config, runner=IdleRunnerForTests()))
-        answer = client.post("/v1/models/kwaivgi/kling-v2.1/predictions", json=body)
+        answer = client.post(PREDICTIONS, json=body)
         assert answer.status_code == expected, answer.text
         if expected == 422:
             assert "a loopback address" in answer.json()["invalid_fields"][0]["description"]
@@ -201,9 +202,7 @@ def test_a_job_the_worker_cannot_take_goes_back_to_the_queue_and_runs(tmp_path):
     config = ServerConfig(data_dir=tmp_path, no_auth=True)
     image = "data:image/png;base64," + base64.b64encode(make_image(400, 400)).decode()
     with TestClient(app_module.create_app(config, runner=runner)) as client:
-        created = client.post(
-            "/v1/models/kwaivgi/kling-v2.1/predictions", json={"input": {"prompt": "x", "start_image": image}}
-        ).json()
+        created = client.post(PREDICTIONS, json={"input": {"prompt": "x", "start_image": image}}).json()
         deadline = time.monotonic() + 30
         while (pred := client.get(f"/v1/predictions/{created['id']}").json())["status"] != "failed":
             assert time.monotonic() < deadline, pred

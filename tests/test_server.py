@@ -21,6 +21,7 @@ from replicate.helpers import FileOutput
 from serverproc import MODEL, PREDICTIONS, TOKEN, ServerProcess, WebhookReceiver, data_uri
 
 from i2v.geometry import output_size
+from i2v.server.states import TERMINAL
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +290,7 @@ def test_cancel_a_queued_prediction(server):
         assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
         again = http.post(queued["urls"]["cancel"])  # canceling twice changes nothing
         assert again.status_code == 200 and again.json()["status"] == "canceled"
-    assert server.wait_for(running, {"succeeded", "failed", "canceled"}, timeout=120)["status"] == "succeeded"
+    assert server.wait_for(running, TERMINAL, timeout=120)["status"] == "succeeded"
     assert server.client().predictions.get(queued["id"]).status == "canceled"
 
 

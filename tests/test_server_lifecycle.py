@@ -9,6 +9,8 @@ import httpx
 from conftest import make_image, probe
 from serverproc import PREDICTIONS, ServerProcess, data_uri
 
+from i2v.server.states import TERMINAL
+
 
 def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(
     tmp_path: Path, _cache_dir: Path
@@ -31,7 +33,7 @@ def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(
         second.wait_ready()
         lost = second.wait_for(interrupted, {"failed"}, timeout=10)
         assert "server stopped while this prediction was running" in lost["error"]
-        done = second.wait_for(queued, {"succeeded", "failed", "canceled"}, timeout=300)
+        done = second.wait_for(queued, TERMINAL, timeout=300)
         assert done["status"] == "succeeded", done["error"]
         with second.http() as http:
             video = http.get(done["output"])

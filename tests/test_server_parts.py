@@ -10,6 +10,7 @@ import sys
 import pytest
 import replicate
 from conftest import make_image
+from serverproc import PREDICTIONS
 
 from i2v.request import KlingRequest
 from i2v.server import cog_schema
@@ -224,7 +225,7 @@ def test_public_url_shapes_every_url_and_own_files_resolve_behind_it(tmp_path):
     upload = client.post("/v1/files", files={"content": ("a.png", make_image(400, 300), "image/png")}).json()
     assert upload["urls"]["get"] == f"{public}/v1/files/{upload['id']}"
     created = client.post(
-        "/v1/models/kwaivgi/kling-v2.1/predictions",
+        PREDICTIONS,
         json={"input": {"prompt": "x", "start_image": upload["urls"]["get"]}},
     )
     assert created.status_code == 201, created.text

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from conftest import decode_frames, probe
 from hardening import FAULT_ENV, NO_LIMITS
+from serverproc import PREDICTIONS
 
 
 def _unavailable(reason: str, module: bool = True) -> None:
@@ -644,7 +645,7 @@ def test_the_result_is_the_clip_it_names_and_cancel_works_anywhere(
     with api(fault_server) as client:
         body = {"input": {"prompt": f"clip C {LONG_RUN}", "start_image": "data:image/png;base64,"}}
         body["input"]["start_image"] += base64.b64encode(image.read_bytes()).decode()
-        running = client.post("/v1/models/kwaivgi/kling-v2.1/predictions", json=body).json()
+        running = client.post(PREDICTIONS, json=body).json()
         wait_for(fault_server, running["id"], ("processing",))
     new_clip(page, image, "clip D waits behind C")
     queued = clip_id(page)
@@ -731,7 +732,7 @@ def test_errors_show_early_in_plain_words(page: Any, fault_server: str, image_fi
     # The server's own rule text never reaches the user: its 422 for that seed, as the page words it.
     with api(fault_server) as client:
         answer = client.post(
-            "/v1/models/kwaivgi/kling-v2.1/predictions",
+            PREDICTIONS,
             json={"input": {"prompt": "x", "start_image": "data:,", "seed": 2**63}},
         ).json()
     (item,) = [f for f in answer["invalid_fields"] if f["field"] == "input.seed"]
