@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hmac
 import sqlite3
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import make_image
 from serverproc import PREDICTIONS
 
-from i2v.backends import registered, resolve
+from i2v.backends import BACKENDS, BUILTIN, registered, resolve
 from i2v.errors import ModelUnavailable
 from i2v.server import app as app_module
 from i2v.server import deps
@@ -150,6 +153,23 @@ def test_backend_plugins_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("I2V_EXTRA_BACKENDS", "pathlib:Path")
     with pytest.raises(ModelUnavailable, match="not a Backend"):
         resolve("fault-injection", tmp_path, Settings().extra_backends)
+
+
+def test_a_backend_is_imported_only_when_its_model_is_used():
+    """A worker for one model (here a plugin's) imports no other backend: no diffusers, transformers or
+    peft, which would add seconds to each worker's start."""
+    check = (
+        "import sys; sys.path.insert(0, 'tests'); import i2v.engine, i2v.server.worker; "
+        "from i2v.backends import resolve; from pathlib import Path; import tempfile; "
+        "resolve('fault-injection', Path(tempfile.mkdtemp()), ('fault_backends:FaultInjection',)); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft'}))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    found = subprocess.run(
+        [sys.executable, "-c", check], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "[]"
+    assert {name: BACKENDS[name].spec.name for name in BUILTIN} == {name: name for name in BUILTIN}
 
 
 def test_files_never_map_an_id_outside_their_folder(tmp_path):

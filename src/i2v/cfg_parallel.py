@@ -8,7 +8,7 @@ halves gives every rank both predictions (one exchange per step), and the second
 half back. The pipeline's own loop, guidance formula and scheduler then run on identical tensors on
 every rank, so every rank steps to the same latents: nothing else is exchanged.
 
-The group is a mesh of (cfg, ring, ulysses) = (2, 1, N/2) (`group_mesh`): on four or more ranks each
+The group is a mesh of (cfg, ring, ulysses) = (2, 1, N/2) (`i2v.placement.group_mesh`): on four or more ranks each
 half splits its pass's sequence with Ulysses (diffusers' `ContextParallelConfig(mesh=...)`), so the
 hook sees the whole output of its half's pass, and the CFG exchange runs between matching ranks of the
 two halves. Sequence ranks are adjacent (ranks 0-1 and 2-3 on four GPUs), so the all-to-all of every
@@ -29,7 +29,7 @@ LTX-2's pipeline makes four passes a guided step in three calls (CFG's pair batc
 modality isolation): `GuidancePassesParallel` gives each of two ranks two of them, with two exchanges
 per step. diffusers cannot split LTX-2's sequence, so it stops at two ranks.
 
-    mesh = group_mesh(GroupPlan(cfg=2, ulysses=1), device)
+    mesh = group_mesh(GroupPlan(cfg=2, ulysses=1), device)  # i2v.placement
     hook = CFGParallel.attach(pipe.transformer, mesh)
     with hook.armed(prompt_embeds, negative_prompt_embeds):
         pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, ...)
@@ -44,22 +44,9 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from .batched_cfg import BatchedCFG
-from .speed import GroupPlan
-
-MESH_DIMS = ("cfg", "ring", "ulysses")  # diffusers' context parallelism reads "ring" and "ulysses"
-
-
-def group_mesh(plan: GroupPlan, device: torch.device) -> DeviceMesh:
-    """The group's device mesh for a plan with CFG parallel; built collectively (every rank calls it).
-
-    Row-major over ranks, so CFG half c holds ranks c * ulysses ... (c + 1) * ulysses - 1.
-    """
-    if dist.get_world_size() != plan.ranks:
-        raise ValueError(f"a plan for {plan.ranks} ranks on a group of {dist.get_world_size()}")
-    return init_device_mesh(device.type, (plan.cfg, 1, plan.ulysses), mesh_dim_names=MESH_DIMS)
 
 
 class CFGParallel(BatchedCFG):

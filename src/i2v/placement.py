@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from . import compiled_blocks
 from .errors import I2VError
@@ -24,9 +25,21 @@ from .speed import GroupPlan, Speed
 
 log = logging.getLogger(__name__)
 
+MESH_DIMS = ("cfg", "ring", "ulysses")  # diffusers' context parallelism reads "ring" and "ulysses"
 ALONE = GroupPlan()  # one device, or rank 0 of a group running a model by itself
 # Fastest first. `native` (PyTorch's scaled_dot_product_attention) always works and is last.
 ATTENTION_ORDER = ("_flash_3", "flash", "_native_cudnn", "native")
+
+
+def group_mesh(plan: GroupPlan, device: torch.device) -> DeviceMesh:
+    """The group's device mesh for a plan with CFG parallel (`i2v.cfg_parallel`); built collectively
+    (every rank calls it).
+
+    Row-major over ranks, so CFG half c holds ranks c * ulysses ... (c + 1) * ulysses - 1.
+    """
+    if dist.get_world_size() != plan.ranks:
+        raise ValueError(f"a plan for {plan.ranks} ranks on a group of {dist.get_world_size()}")
+    return init_device_mesh(device.type, (plan.cfg, 1, plan.ulysses), mesh_dim_names=MESH_DIMS)
 
 
 def attention_available(name: str) -> bool:
@@ -74,7 +87,7 @@ def split_sequence(model: Any, degree: int, device: torch.device, mesh: DeviceMe
     Plain Ulysses needs the heads and the sequence to split evenly: the heads are checked here, and the
     backends pick grid sizes whose token count divides (`Grid.size_for(tokens_multiple=)`). diffusers'
     "ulysses_anything" mode would lift that, but its uneven all-to-all cannot be traced by torch.compile.
-    `mesh` (`i2v.cfg_parallel.group_mesh`): split within this rank's CFG half; None: across the group.
+    `mesh` (`group_mesh`): split within this rank's CFG half; None: across the group.
     """
     from diffusers import ContextParallelConfig
 

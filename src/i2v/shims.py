@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from importlib.metadata import version
 
-import diffusers
 import torch
 
 # diffusers records `rank % torch.accelerator.device_count()` as a rank's device when parallelism is
@@ -20,7 +20,7 @@ CPU_RANK_DEVICE_COUNT_VERSIONS = ("0.42.1",)
 
 def cpu_rank_shim_applies() -> bool:
     """Whether the installed diffusers is one the CPU-rank shim was written for."""
-    return diffusers.__version__ in CPU_RANK_DEVICE_COUNT_VERSIONS
+    return version("diffusers") in CPU_RANK_DEVICE_COUNT_VERSIONS
 
 
 @contextlib.contextmanager

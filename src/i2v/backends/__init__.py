@@ -12,39 +12,67 @@ import importlib
 import inspect
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from ..errors import ModelUnavailable
 from ..settings import TINY_PREFIX
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback
-from .fastwan import FastWanTI2V
-from .ltx2 import LTX2, LTX2Distilled
-from .wan_flf2v import WanFLF2V
-from .wan_ti2v import WanTI2V
 
-BACKENDS: dict[str, type[Backend]] = {
-    cls.spec.name: cls for cls in (WanTI2V, FastWanTI2V, LTX2, LTX2Distilled, WanFLF2V)
+# Each built-in backend by its model name, as `module:Class` (its spec's name; a test checks they agree).
+BUILTIN = {
+    "wan2.2-ti2v-5b": "i2v.backends.wan_ti2v:WanTI2V",
+    "fastwan2.2-ti2v-5b": "i2v.backends.fastwan:FastWanTI2V",
+    "ltx-2": "i2v.backends.ltx2:LTX2",
+    "ltx-2-distilled": "i2v.backends.ltx2:LTX2Distilled",
+    "wan2.1-flf2v-14b": "i2v.backends.wan_flf2v:WanFLF2V",
 }
+
+
+def load_backend(entry: str, setting: str = "I2V_EXTRA_BACKENDS") -> type[Backend]:
+    """The Backend subclass a `module:Class` entry names (a plugin, or a built-in one)."""
+    module, _, attr = entry.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ModelUnavailable(f"{setting}: cannot load {entry!r} ({exc})") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ModelUnavailable(f"{setting}: {entry!r} is not a Backend subclass")
+    return cls
+
+
+class _Registry(Mapping[str, type[Backend]]):
+    """The built-in backends by name, each module imported on first use.
+
+    A backend's module imports its diffusers pipeline, transformers and peft (seconds of start-up); a
+    process that runs one model, or none (a plugin's, `i2v pull`), imports only what it uses.
+    """
+
+    def __getitem__(self, name: str) -> type[Backend]:
+        return load_backend(BUILTIN[name], setting="the built-in backend")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BUILTIN)
+
+    def __len__(self) -> int:
+        return len(BUILTIN)
+
+
+BACKENDS: Mapping[str, type[Backend]] = _Registry()
 
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "Clip", "ModelInputs", "StepCallback", "resolve"]
 
 
-def registered(extra_backends: tuple[str, ...] = ()) -> dict[str, type[Backend]]:
-    """The built-in backends plus plugins (`module:Class`; the setting `I2V_EXTRA_BACKENDS`, comma-separated).
+def registered(extra_backends: tuple[str, ...] = ()) -> dict[str, str]:
+    """The model names: the built-in backends plus plugins (`module:Class`; the setting `I2V_EXTRA_BACKENDS`,
+    comma-separated), each name's `module:Class`. A plugin is imported here, for its spec's name.
 
     Plugins let an operator add a model without patching i2v; the test suite adds its fault-injection
     backends this way, so none of them ships in the product's registry.
     """
-    backends = dict(BACKENDS)
+    backends = dict(BUILTIN)
     for entry in extra_backends:
-        module, _, attr = entry.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ModelUnavailable(f"I2V_EXTRA_BACKENDS: cannot load {entry!r} ({exc})") from exc
-        if not (isinstance(cls, type) and issubclass(cls, Backend)):
-            raise ModelUnavailable(f"I2V_EXTRA_BACKENDS: {entry!r} is not a Backend subclass")
-        backends[cls.spec.name] = cls
+        backends[load_backend(entry).spec.name] = entry
     return backends
 
 
@@ -56,12 +84,14 @@ def resolve(
     name = name.strip()
     tiny = name.startswith(TINY_PREFIX)
     backends = registered(extra_backends)
-    cls = backends.get(name.removeprefix(TINY_PREFIX))
-    if cls is None:
+    base = name.removeprefix(TINY_PREFIX)
+    entry = backends.get(base)
+    if entry is None:
         known = ", ".join(sorted(backends))
         raise ModelUnavailable(
             f"unknown model '{name}' (registered: {known}; prefix 'tiny-' for a tiny twin)"
         )
+    cls = BACKENDS[base] if entry == BUILTIN.get(base) else load_backend(entry)
     if tiny:
         return cls, cls.tiny_spec(ensure_tiny(cls, tiny_dir))
     return cls, dataclasses.replace(cls.spec, source=source.strip()) if source.strip() else cls.spec

@@ -20,10 +20,9 @@ import torch
 from PIL import Image
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..cfg_parallel import group_mesh
 from ..footprint import Activations, Component, Part, parts
 from ..geometry import Grid
-from ..placement import place
+from ..placement import group_mesh, place
 from ..speed import GroupPlan, Speed, group_plan
 
 StepCallback = Callable[[int, int], None]

@@ -49,7 +49,7 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from safetensors.torch import save_file
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
-from ..cfg_parallel import GuidancePassesParallel, group_mesh
+from ..cfg_parallel import GuidancePassesParallel
 from ..footprint import (
     Activations,
     Component,
@@ -60,7 +60,7 @@ from ..footprint import (
     video_bytes,
 )
 from ..geometry import Grid
-from ..placement import place
+from ..placement import group_mesh, place
 from ..speed import Speed
 from .base import Backend, BackendSpec, Clip, ModelInputs, StepCallback, device_dtype, model_files
 
