@@ -23,10 +23,32 @@ os.environ.setdefault("I2V_FETCH_ALLOW", "127.0.0.1")
 # module-scoped servers start once, on one worker; the modules that start a Ray cluster are one unit, so two
 # clusters never run at once on this machine.
 SERIAL_GROUPS = {"test_ray": "ray", "test_scaleout": "ray"}
+# The longest units first (a run's `--durations`, summed per unit), so the last one to start is a short one
+# and neither worker finishes long before the other; the rest follow in xdist's order.
+LONGEST_FIRST = (
+    "ray",
+    "test_web",
+    "test_bench",
+    "test_device_rehearsal",
+    "test_pull",
+    "test_parallel",
+    "test_hardening",
+    "test_engine",
+    "test_server",
+    "test_pro",
+    "test_storage",
+    "test_several_servers",
+    "test_server_lifecycle",
+    "test_memory_server",
+    "test_speed",
+    "test_attacks",
+    "test_cli",
+)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """xdist's scope scheduler, with the module (or its entry in SERIAL_GROUPS) as the scope.
+    """xdist's scope scheduler, with the module (or its entry in SERIAL_GROUPS) as the scope, the longest
+    scopes handed out first.
 
     Not `--dist loadgroup` with `xdist_group` marks: on pytest 9.2 that silently stops grouping (xdist
     3.8 tags the group onto `item._nodeid`, which pytest no longer reads; pytest-dev/pytest-xdist#1386),
@@ -34,10 +56,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """
     from xdist.scheduler import LoadScopeScheduling
 
+    rank = {scope: n for n, scope in enumerate(LONGEST_FIRST)}
+    here = Path(__file__).parent
+    stale = [s for s in rank if s not in SERIAL_GROUPS.values() and not (here / f"{s}.py").is_file()]
+    assert not stale, f"LONGEST_FIRST names no module or group: {stale}"
+
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = Path(nodeid.split("::", 1)[0]).stem
             return SERIAL_GROUPS.get(module, module)
+
+        def _assign_work_unit(self, node: object) -> None:
+            longest = min(self.workqueue, key=lambda scope: rank.get(scope, len(rank)))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
 
     return ModuleScheduling(config, log)
 

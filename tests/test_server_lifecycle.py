@@ -1,4 +1,8 @@
-"""Servers of their own: a restart loses no prediction; retention; a model that cannot load; two workers."""
+"""Servers of their own: a restart loses no prediction; retention; a model that cannot load; two workers.
+
+The model is not what these test: the restart and the two workers run the fault-injection backend, whose
+`fault:slow:N` prompt keeps a prediction processing until the test acts (a state, not a timer).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import httpx
 from conftest import make_image, probe
+from hardening import FAULT_ENV
 from serverproc import PREDICTIONS, ServerProcess, data_uri
 
 from i2v.server.states import TERMINAL
@@ -16,19 +21,21 @@ def test_restart_keeps_queued_predictions_and_fails_the_interrupted_one(
     tmp_path: Path, _cache_dir: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    first = ServerProcess(data_dir)
+    first = ServerProcess(data_dir, env=FAULT_ENV, model="fault-injection")
     try:
         first.wait_ready()
-        body = {"input": {"prompt": "x", "start_image": data_uri(640, 360, seed=7)}}
+        start_image = data_uri(640, 360, seed=7)
         with first.http() as http:
-            interrupted = http.post(PREDICTIONS, json=body).json()["id"]
-            queued = http.post(PREDICTIONS, json=body).json()["id"]
+            running = {"input": {"prompt": "fault:slow:100000", "start_image": start_image}}
+            interrupted = http.post(PREDICTIONS, json=running).json()["id"]
+            queued = http.post(PREDICTIONS, json={"input": {"prompt": "x", "start_image": start_image}})
+            queued = queued.json()["id"]
         first.wait_for(interrupted, {"processing"}, timeout=60)
         assert first.wait_for(queued, {"starting"}, timeout=5)
     finally:
         first.kill()  # no goodbye: as if the machine lost power
 
-    second = ServerProcess(data_dir, env={"I2V_RETENTION": "10s"})
+    second = ServerProcess(data_dir, env={**FAULT_ENV, "I2V_RETENTION": "10s"}, model="fault-injection")
     try:
         second.wait_ready()
         lost = second.wait_for(interrupted, {"failed"}, timeout=10)
@@ -82,10 +89,12 @@ def test_a_model_that_cannot_load_is_reported_not_hung(tmp_path: Path, _cache_di
 
 
 def test_one_worker_per_device_runs_predictions_side_by_side(tmp_path: Path, _cache_dir: Path) -> None:
-    server = ServerProcess(tmp_path / "data", env={"I2V_DEVICES": "cpu,cpu"})
+    server = ServerProcess(
+        tmp_path / "data", env={**FAULT_ENV, "I2V_DEVICES": "cpu,cpu"}, model="fault-injection"
+    )
     try:
         server.wait_ready()
-        body = {"input": {"prompt": "x", "start_image": data_uri(640, 360, seed=8)}}
+        body = {"input": {"prompt": "fault:slow:100000", "start_image": data_uri(640, 360, seed=8)}}
         with server.http() as http:
             ids = [http.post(PREDICTIONS, json=body).json()["id"] for _ in range(3)]
             for prediction_id in ids[:2]:
