@@ -33,7 +33,13 @@ fi
 
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
-"${pip[@]}" -e ".${extras}"
+# The rest with uv: the same resolution in seconds where pip takes minutes (it keeps the torch above, which
+# satisfies the requirement). pip stays the fallback: uv reads no pip.conf, so on a machine whose packages
+# come from a mirror only pip is configured for, uv fails and pip installs the lot.
+if ! { "${pip[@]}" uv && .venv/bin/uv pip install --python .venv/bin/python --quiet -e ".${extras}"; }; then
+    echo "setup: uv could not install the dependencies; installing them with pip"
+    "${pip[@]}" -e ".${extras}"
+fi
 
 # The web page's tests drive Debian's chromium through Playwright (never `playwright install`).
 if [ -n "$extras" ] && ! command -v chromium >/dev/null; then
