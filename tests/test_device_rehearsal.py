@@ -107,7 +107,7 @@ def device_run(python: Path, wheels: Path, tmp_path: Path, *args: str) -> subpro
     env = {
         "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)), "LANG": "C.UTF-8",
         "OUT": str(tmp_path / "out"), "PYTHON": str(python), "WHEELS": str(wheels), "SITE": str(tmp_path / "site"),
-        "HF_HUB_OFFLINE": "1", "I2V_X264_PRESET": "ultrafast",
+        "HF_HUB_OFFLINE": "1", "I2V_X264_PRESET": "ultrafast", "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
     }  # fmt: skip
     return run(["bash", str(ROOT / "bench" / "device.sh"), *args], cwd=tmp_path, env=env)
 
