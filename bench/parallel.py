@@ -40,13 +40,13 @@ from i2v.engine import Engine
 from i2v.settings import Settings
 
 
-def square_image(side: int = 960) -> str:
-    """A smooth colourful square (gradients), written to a temporary PNG; returns its path."""
+def square_image(folder: Path, side: int = 960) -> str:
+    """A smooth colourful square (gradients), written as a PNG in `folder`; returns its path."""
     y, x = np.mgrid[0:side, 0:side] / side
     rgb = np.stack([200 * x + 30, 200 * y + 30, 120 * (x + y) + 10], axis=-1).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
-    path = Path(tempfile.mkdtemp(prefix="i2v-bench-")) / "square.png"
+    path = folder / "square.png"
     path.write_bytes(buffer.getvalue())
     return str(path)
 
@@ -75,8 +75,23 @@ def run(
     unknown = [plan for plan in plans if plan not in PLANS]
     if unknown or not plans:
         raise SystemExit(f"--plans {','.join(plans)!r}: a list of {', '.join(PLANS)}")
-    request = KlingRequest(prompt="waves roll in", start_image=square_image(), duration=duration, seed=11)
-    scratch = Path(tempfile.mkdtemp(prefix="i2v-bench-"))
+    with tempfile.TemporaryDirectory(prefix="i2v-bench-") as scratch:  # the image and the clips, then gone
+        report = measure(group, devices, model, repeats, duration, plans, Path(scratch))
+    write_report(report, out, "parallel")
+    return report
+
+
+def measure(
+    group: tuple[str, ...],
+    devices: str,
+    model: str | None,
+    repeats: int,
+    duration: int,
+    plans: tuple[str, ...],
+    scratch: Path,
+) -> dict[str, object]:
+    start_image = square_image(scratch)
+    request = KlingRequest(prompt="waves roll in", start_image=start_image, duration=duration, seed=11)
     sides: dict[str, dict[str, object]] = {}
     frames: dict[str, np.ndarray] = {}
     base = Settings()
@@ -117,7 +132,6 @@ def run(
         report[f"speedup_{plan}_end_to_end"] = float(single["end_to_end_s"]) / float(side["end_to_end_s"])  # type: ignore[arg-type]
         report[f"{plan}_frames_identical"] = bool(np.array_equal(frames["single"], frames[f"group_{plan}"]))
     report["frames_identical"] = all(report[f"{plan}_frames_identical"] for plan in plans)
-    write_report(report, out, "parallel")
     return report
 
 

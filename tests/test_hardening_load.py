@@ -34,6 +34,8 @@ from PIL import Image
 from schemathesis import GenerationMode
 from serverproc import PREDICTIONS, TOKEN, ServerProcess
 
+from i2v.server.states import TERMINAL
+
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 LOAD_PREDICTIONS = int(os.environ.get("I2V_LOAD_PREDICTIONS", "200"))
 LOAD_CONCURRENCY = int(os.environ.get("I2V_LOAD_CONCURRENCY", str(LOAD_PREDICTIONS)))  # creates in flight
@@ -104,7 +106,7 @@ def test_load_every_prediction_is_recorded_and_ends(server):
                     await request("POST", f"/v1/predictions/{prediction_id}/cancel")
                 while True:
                     answer = await request("GET", f"/v1/predictions/{prediction_id}")
-                    if answer.json()["status"] in ("succeeded", "failed", "canceled"):
+                    if answer.json()["status"] in TERMINAL:
                         return answer.json()
                     await asyncio.sleep(0.5)  # the official client's poll interval
 

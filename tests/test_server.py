@@ -21,7 +21,7 @@ from replicate.helpers import FileOutput
 from serverproc import MODEL, PREDICTIONS, TOKEN, ServerProcess, WebhookReceiver, data_uri
 
 from i2v.geometry import output_size
-from i2v.server.states import TERMINAL
+from i2v.server.states import STATUSES, TERMINAL
 
 
 @pytest.fixture(scope="module")
@@ -337,10 +337,7 @@ def test_metrics_agree_with_the_api(server):
     page, statuses, timed = client.predictions.list(), [], 0
     while True:
         statuses += [p.status for p in page.results]
-        timed += sum(
-            p.status in ("succeeded", "failed", "canceled") and p.metrics["predict_time"] is not None
-            for p in page.results
-        )
+        timed += sum(p.status in TERMINAL and p.metrics["predict_time"] is not None for p in page.results)
         if not page.next:
             break
         page = client.predictions.list(page.next)
@@ -349,7 +346,7 @@ def test_metrics_agree_with_the_api(server):
     as_tenant = httpx.get(f"{server.base}/metrics", headers={"authorization": f"Bearer {TOKEN}"})
     assert as_tenant.status_code == 403 and "I2V_METRICS_TOKEN" in as_tenant.json()["detail"]
     samples = server.metrics()
-    for status in ("starting", "processing", "succeeded", "failed", "canceled"):
+    for status in STATUSES:
         assert samples[("i2v_predictions", (("status", status),))] == statuses.count(status), status
     assert samples[("i2v_queue_depth", ())] == statuses.count("starting")
     assert samples[("i2v_predict_time_seconds_count", ())] == timed  # those that reached a worker

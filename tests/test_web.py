@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ import pytest
 from conftest import decode_frames, probe
 from hardening import FAULT_ENV, NO_LIMITS
 from serverproc import PREDICTIONS
+
+from i2v.server.states import TERMINAL
 
 
 def _unavailable(reason: str, module: bool = True) -> None:
@@ -180,7 +182,7 @@ def api(base: str) -> httpx.Client:
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=90)
 
 
-def wait_for(base: str, prediction_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "canceled")):
+def wait_for(base: str, prediction_id: str, statuses: Collection[str] = TERMINAL):
     deadline = time.monotonic() + CLIP_TIMEOUT_S
     with api(base) as client:
         while time.monotonic() < deadline:
