@@ -44,8 +44,8 @@ def load_backend(entry: str, setting: str = "I2V_EXTRA_BACKENDS") -> type[Backen
 class _Registry(Mapping[str, type[Backend]]):
     """The built-in backends by name, each module imported on first use.
 
-    A backend's module imports its diffusers pipeline, transformers and peft (seconds of start-up); a
-    process that runs one model, or none (a plugin's, `i2v pull`), imports only what it uses.
+    A backend's module imports its diffusers pipeline, transformers and peft (seconds of start-up): a
+    process that runs one model imports that model's module only, and one that runs a plugin's none.
     """
 
     def __getitem__(self, name: str) -> type[Backend]:
