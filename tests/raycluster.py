@@ -40,10 +40,14 @@ HEAD_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all are held open until each is chosen, since a port just closed is
+    often the next one handed out (two of a head's ports once came back equal and `ray start` refused)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def worker_pids(body: dict) -> list[int]:
@@ -129,9 +133,9 @@ class RayCluster:
         self.driver_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.folder = folder
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.driver_env, **env}
-        self.port = free_port()
+        self.port, client_port, dashboard_port = free_ports(3)
         self.address = f"127.0.0.1:{self.port}"
-        self.client_address = f"ray://127.0.0.1:{free_port()}"  # Ray Client, for a driver off the cluster
+        self.client_address = f"ray://127.0.0.1:{client_port}"  # Ray Client, for a driver off the cluster
         self.nodes: list[RayNode] = []
         self.head = self._start(
             "head",
@@ -144,7 +148,7 @@ class RayCluster:
                 "--ray-client-server-port",
                 self.client_address.rpartition(":")[2],
                 "--dashboard-port",
-                str(free_port()),
+                str(dashboard_port),
                 "--include-dashboard=false",
                 "--num-cpus",
                 "1",
