@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
+from serverproc import free_ports
 
 GPU_RESOURCE = "i2v_gpu"  # stands for a GPU: I2V_RAY_GPU_RESOURCE in the servers of these tests
 OBJECT_STORE_BYTES = 80 * 2**20  # Ray's smallest is 75 MiB
@@ -38,16 +38,6 @@ HEAD_ENV = {
     "RAY_health_check_failure_threshold": "3",
     "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "10",
 }
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: all are held open until each is chosen, since a port just closed is
-    often the next one handed out (two of a head's ports once came back equal and `ray start` refused)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 def worker_pids(body: dict) -> list[int]:
@@ -146,7 +136,7 @@ class RayCluster:
                 "--node-ip-address",
                 "127.0.0.1",
                 "--ray-client-server-port",
-                self.client_address.rpartition(":")[2],
+                str(client_port),
                 "--dashboard-port",
                 str(dashboard_port),
                 "--include-dashboard=false",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -25,10 +26,18 @@ MODEL = "kwaivgi/kling-v2.1"
 PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all are held open until each is chosen, since a port just closed is
+    often the next one handed out (two of a Ray head's ports once came back equal and `ray start` refused)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def data_uri(width: int, height: int, seed: int = 0) -> str:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 from conftest import decode_frames, probe
 from hardening import FAULT_ENV, NO_LIMITS
-from serverproc import PREDICTIONS
+from serverproc import PREDICTIONS, free_port
 
 from i2v.server.states import TERMINAL
 
@@ -75,12 +74,6 @@ WIDTHS = (1280, 390)
 # ---------- the servers and the browser ----------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(
     data_dir: Path,
     token: str | None,
@@ -90,7 +83,7 @@ def _start_server(
     env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     full_env = {k: v for k, v in os.environ.items() if k not in ("I2V_API_TOKEN", "I2V_PUBLIC_URL")}
     full_env.update({**NO_LIMITS, **(env or {})})
     if public_host:
