@@ -9,8 +9,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-# One compute thread per process. The suite runs three workers on CI's two cores, each with servers, model
-# workers and ranks of its own, all computing at once: with torch's default (a thread per core each) the
+# One compute thread per process. The suite runs more workers than CI's two cores (test.sh), each with
+# servers, model workers and ranks of its own, all computing at once: with torch's default (a thread per core each) the
 # OpenMP threads outnumber the cores and spin waiting for each other. Three processes of conv3d side by side
 # here took 1.5x the CPU time (31 s against 21 s) and 1.6x as long at two threads each as at one. Set before
 # numpy and torch load their thread pools; every process the tests start inherits it.
@@ -26,7 +26,7 @@ os.environ.setdefault("I2V_X264_PRESET", "ultrafast")
 # The test servers live on loopback, which the URL fetcher refuses unless an operator trusts it.
 os.environ.setdefault("I2V_FETCH_ALLOW", "127.0.0.1")
 
-# `./test.sh` runs the suite on three pytest-xdist workers. Each module is one unit of work, so its
+# `./test.sh` runs the suite on pytest-xdist workers. Each module is one unit of work, so its
 # module-scoped servers start once, on one worker; the modules that start a Ray cluster are one unit, so two
 # clusters never run at once on this machine.
 SERIAL_GROUPS = {"test_ray": "ray", "test_scaleout": "ray"}
