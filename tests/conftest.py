@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # One compute thread per process. The suite runs more workers than CI's two cores (test.sh), each with
-# servers, model workers and ranks of its own, all computing at once: with torch's default (a thread per core each) the
-# OpenMP threads outnumber the cores and spin waiting for each other. Three processes of conv3d side by side
-# here took 1.5x the CPU time (31 s against 21 s) and 1.6x as long at two threads each as at one. Set before
-# numpy and torch load their thread pools; every process the tests start inherits it.
+# servers, model workers and ranks of its own, all computing at once: with torch's default (a thread per core
+# each) the OpenMP threads outnumber the cores and spin waiting for each other. Three processes of conv3d side
+# by side here took 1.5x the CPU time (31 s against 21 s) and 1.6x as long at two threads each as at one. Set
+# before numpy and torch load their thread pools; every process the tests start inherits it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import av
